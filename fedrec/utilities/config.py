@@ -1,0 +1,162 @@
+"""Experiment configs: a YAML file (``safe_load`` only) plus command-line overrides.
+
+A config is a plain nested dict with the sections ``model``, ``train`` and, for FL
+runs, ``fl`` (see ``configs/dlrm.yml``). Overrides come in two forms:
+
+* the seed's flat flags (``--batch_size 256``), each mapped to one dotted path by
+  :data:`FLAG_PATHS`;
+* a generic ``--set train.config.batch_size=256`` (the value is parsed as YAML, so
+  ``256`` is an int, ``[1, 2]`` a list and ``true`` a bool).
+
+Errors name the file, the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Dict, Iterable, Mapping, MutableMapping
+
+import yaml
+
+TOP_LEVEL_SECTIONS = ("model", "train", "fl", "data", "log")
+
+# Flat CLI flags of the seed (configs/flags.md of the original project) and where they
+# land in the config tree.
+FLAG_PATHS: Dict[str, str] = {
+    # standard training (train.config.*)
+    **{
+        flag: f"train.config.{flag}"
+        for flag in (
+            "eval_every_n", "report_every_n", "save_every_n", "keep_every_n", "batch_size",
+            "eval_batch_size", "eval_on_train", "no_eval_on_val", "data_seed", "init_seed",
+            "model_seed", "num_batches", "num_epochs", "num_workers", "num_eval_batches",
+            "log_gradients", "devices", "pin_memory",
+        )
+    },
+    # data
+    "datafile": "model.preproc.datafile",
+    "output_file": "model.preproc.output_file",
+    "max_ind_range": "model.preproc.max_ind_range",
+    # federated simulation (fl.*)
+    **{
+        flag: f"fl.{flag}"
+        for flag in (
+            "num_rounds", "client_num_per_round", "local_epochs",
+            "local_steps", "local_batch_size", "local_lr", "eval_every_n_rounds", "backend",
+            "embedding_updates", "embedding_aggregation", "seed",
+        )
+    },
+}
+# `--num_workers` means simulated FL workers for `simulate`, data-loader workers for `train`.
+FL_FLAG_PATHS = {**FLAG_PATHS, "num_workers": "fl.num_workers"}
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message says which key and what to fix."""
+
+
+def load_yaml(path: str | Path) -> Dict[str, Any]:
+    """Read a YAML mapping with ``yaml.safe_load``; errors name the file and line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML: {err}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(TOP_LEVEL_SECTIONS))
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown top-level section(s) {unknown}; expected some of {list(TOP_LEVEL_SECTIONS)}"
+        )
+    return data
+
+
+def parse_value(text: str) -> Any:
+    """Parse a CLI value the way YAML would (``256`` -> int, ``true`` -> bool)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def set_path(config: MutableMapping[str, Any], dotted: str, value: Any) -> None:
+    """Set ``config[a][b][c] = value`` for ``dotted == 'a.b.c'``, creating mappings."""
+    keys = dotted.split(".")
+    if not all(keys):
+        raise ConfigError(f"bad config path {dotted!r}: expected keys separated by dots")
+    node: MutableMapping[str, Any] = config
+    for i, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        elif not isinstance(child, MutableMapping):
+            where = ".".join(keys[: i + 1])
+            raise ConfigError(f"cannot set {dotted!r}: {where!r} is a {type(child).__name__}, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def get_path(config: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
+    node: Any = config
+    for key in dotted.split("."):
+        if not isinstance(node, Mapping) or key not in node:
+            return default
+        node = node[key]
+    return node
+
+
+def apply_overrides(config: Dict[str, Any], sets: Iterable[str] = (),
+                    flags: Mapping[str, Any] | None = None,
+                    flag_paths: Mapping[str, str] = FLAG_PATHS) -> Dict[str, Any]:
+    """A copy of ``config`` with flat ``flags`` and ``--set key=value`` strings applied.
+
+    Flags whose value is ``None`` (not given on the command line) are ignored.
+    """
+    out = copy.deepcopy(config)
+    for flag, value in (flags or {}).items():
+        if value is None:
+            continue
+        if flag not in flag_paths:
+            raise ConfigError(f"unknown flag --{flag}; known flags: {sorted(flag_paths)}")
+        set_path(out, flag_paths[flag], value)
+    for item in sets:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE (e.g. train.config.batch_size=256), got {item!r}")
+        key, _, raw = item.partition("=")
+        set_path(out, key.strip(), parse_value(raw.strip()))
+    return out
+
+
+def load_config(path: str | Path, sets: Iterable[str] = (), flags: Mapping[str, Any] | None = None,
+                flag_paths: Mapping[str, str] = FLAG_PATHS) -> Dict[str, Any]:
+    """Load ``path`` and apply overrides; the result records its source file."""
+    config = apply_overrides(load_yaml(path), sets, flags, flag_paths)
+    unknown = sorted(set(config) - set(TOP_LEVEL_SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown top-level section(s) {unknown}; expected some of {list(TOP_LEVEL_SECTIONS)}")
+    return config
+
+
+def dump_yaml(config: Mapping[str, Any], path: str | Path) -> None:
+    """Write the resolved config (what actually ran) next to the run's outputs."""
+    Path(path).write_text(yaml.safe_dump(_plain(config), sort_keys=False))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
