@@ -37,6 +37,7 @@ _BUILTIN_MODULES = (
     "fedrec.trainers",
     "fedrec.federated",
     "fedrec.data",
+    "fedrec.preprocessor",
 )
 _builtins_loaded = False
 
@@ -48,7 +49,7 @@ class RegistryError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class ConfigTypeError(TypeError):
+class ConfigTypeError(TypeError, ValueError):
     """A config value of the wrong type; the message names the key and the expected type."""
 
 
@@ -147,8 +148,10 @@ def instantiate(obj: Any, config: Mapping[str, Any], *, kind: str = "component",
     """Call ``obj(**config, **kwargs)``, refusing config keys it does not accept."""
     merged = {k: v for k, v in config.items() if k != "name" and k not in unused_keys}
     merged.update(kwargs)
-    names, has_var_kw = accepted_keys(obj)
     label = f"{kind} {config.get('name')!r}" if "name" in config else kind
+    if inspect.isclass(obj) and issubclass(obj, pydantic.BaseModel):
+        return validate_model(obj, merged, label)
+    names, has_var_kw = accepted_keys(obj)
     if not has_var_kw:
         unknown = sorted(set(merged) - names)
         if unknown:
@@ -158,6 +161,21 @@ def instantiate(obj: Any, config: Mapping[str, Any], *, kind: str = "component",
     validated = _validate_types(obj, {k: v for k, v in merged.items() if k not in kwargs}, label)
     merged.update(validated)
     return obj(**merged)
+
+
+def validate_model(model: type, values: Mapping[str, Any], label: str) -> Any:
+    """Build a pydantic config class, turning its errors into one message per bad key."""
+    try:
+        return model.model_validate(dict(values))
+    except pydantic.ValidationError as err:
+        problems = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e.get("loc", ())) or "(config)"
+            if e.get("type") == "extra_forbidden":
+                problems.append(f"unknown key {key!r}; known keys: {sorted(model.model_fields)}")
+            else:
+                problems.append(f"key {key!r}: {e.get('msg')} (got {e.get('input')!r})")
+        raise ConfigTypeError(f"{label}: " + "; ".join(problems)) from None
 
 
 def _validate_types(obj: Any, values: Mapping[str, Any], label: str) -> Dict[str, Any]:
