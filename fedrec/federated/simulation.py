@@ -1,0 +1,264 @@
+"""The round loop: sample, run clients (through a backend), aggregate, evaluate, checkpoint.
+
+The aggregator is a ``FederatedWorker`` like any other; this class is its runtime. When
+the aggregator asks its neighbours for models, the simulation hands the selected clients
+to the backend in fixed blocks and gives the algorithm either the pre-reduced update
+(linear algorithms) or every client's model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fedrec.federated.backends import Backend, make_backend, make_blocks
+from fedrec.federated.client_runner import ClientRunner, ClientStats
+from fedrec.federated.config import FLConfig, fl_config_from
+from fedrec.federated.update import WeightedUpdate
+from fedrec.federated_worker import FederatedWorker, InvalidStateError, Neighbour, NeighbourTable
+from fedrec.utilities import registry
+from fedrec.utilities.logger import BaseLogger, NullLogger
+
+log = logging.getLogger("fedrec")
+
+PARTITION_FILE = "partition.npz"
+
+
+def _quiet_config(config: Dict[str, Any]) -> Dict[str, Any]:
+    """The config with the trainer's own progress bar off (the simulator has one)."""
+    config = copy.deepcopy(config)
+    train = config.setdefault("train", {})
+    section = train.setdefault("config", {"name": "dlrm_std"})
+    section["progress_bar"] = False
+    return config
+
+
+def build_partition(trainer: Any, fl: FLConfig):
+    partitioner = registry.construct("partitioner", fl.partitioner)
+    return partitioner.split(trainer.dataset.split("train"), fl.num_workers, fl.seed)
+
+
+def build_client_runner(config: Dict[str, Any], logdir: Optional[Path], partition: Any = None,
+                        config_path: Optional[str] = None) -> ClientRunner:
+    """A process's trainer replica, data and partition (rank 0 and every MPI worker)."""
+    from fedrec.runner import build_trainer
+
+    fl = fl_config_from(config)
+    if fl.client_threads:
+        torch.set_num_threads(fl.client_threads)
+    trainer = build_trainer(_quiet_config(config), logdir=None, logger=None, config_path=config_path)
+    if partition is None:
+        from fedrec.federated.partition import ClientPartition
+
+        partition = ClientPartition.load(Path(logdir) / PARTITION_FILE)
+    return ClientRunner(config, fl, trainer, partition, aggregator_id=fl.num_workers, logdir=logdir)
+
+
+class Simulation:
+    """A federated simulation over ``fl.num_workers`` simulated trainers (star topology)."""
+
+    def __init__(self, config: Dict[str, Any], logdir: str | Path, logger: Optional[BaseLogger] = None,
+                 config_path: Optional[str] = None, backend: Optional[Backend] = None) -> None:
+        from fedrec.runner import build_trainer
+
+        self.config = config
+        self.fl = fl_config_from(config)
+        self.logdir = Path(logdir)
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        self.logger = logger or NullLogger()
+        if self.fl.client_threads:
+            torch.set_num_threads(self.fl.client_threads)
+        if self.fl.topology.get("name", "star") != "star":
+            raise registry.RegistryError(
+                f"fl.topology {self.fl.topology.get('name')!r} is not supported; known: star")
+
+        trainer = build_trainer(_quiet_config(config), logdir=None, logger=None, config_path=config_path)
+        start = time.perf_counter()
+        self.partition = build_partition(trainer, self.fl)
+        self.partition.save(self.logdir / PARTITION_FILE)
+        labels = np.asarray(trainer.dataset.split("train").label)
+        self.logger.info(f"partition ({self.fl.partitioner.get('name')}, {time.perf_counter() - start:.2f}s): "
+                         f"{self.partition.describe(labels=labels)}")
+        self.runner = ClientRunner(config, self.fl, trainer, self.partition,
+                                   aggregator_id=self.fl.num_workers, logdir=self.logdir)
+        self.trainer = trainer
+        self.seed = self.fl.seed
+        self.per_row_embeddings = self.runner.per_row_embeddings
+        self.global_state: Dict[str, torch.Tensor] = {
+            k: v.detach().clone() for k, v in trainer.model.state_dict().items()
+        }
+        self.algorithm = self.runner.algorithm
+        self.aggregator: FederatedWorker = self.algorithm(
+            worker_index=self.fl.num_workers,
+            roles=["aggregator"],
+            in_neighbours=NeighbourTable(range(self.fl.num_workers), self.partition.sizes),
+            runtime=self,
+            client_num_per_round=self.fl.client_num_per_round,
+            persistent_storage=str(self.logdir / "aggregator"),
+            **self.runner.algorithm_kwargs,
+        )
+        self.aggregator.role = "aggregator"
+        self.client_states: Dict[int, Dict[str, Any]] = {}
+        self.backend = backend or make_backend(self.fl.backend, self.runner, config, self.logdir,
+                                               processes=self.fl.mpi_processes)
+        from fedrec.utilities.checkpoint import CheckpointManager
+
+        self.saver = CheckpointManager(self.logdir / "checkpoints", keep_last=self.fl.keep_checkpoints)
+        self.round_idx = 0
+        self._round_stats: List[ClientStats] = []
+        self._loop = asyncio.new_event_loop()
+        self.history: List[Dict[str, Any]] = []
+        self.totals = {"bytes_down": 0, "bytes_up": 0, "samples": 0, "clients": 0}
+
+    # -- the aggregator's runtime ---------------------------------------------------------
+    def get_model(self, worker: FederatedWorker) -> Dict[str, torch.Tensor]:
+        return self.global_state
+
+    def update_model(self, worker: FederatedWorker, weights: Mapping[str, torch.Tensor]) -> None:
+        if weights is self.global_state:
+            return
+        missing = set(self.global_state) - set(weights)
+        if missing:
+            raise InvalidStateError(f"update_model: weights lack {sorted(missing)[:5]}")
+        with torch.no_grad():
+            for name, tensor in self.global_state.items():
+                tensor.copy_(weights[name])
+
+    async def request_models(self, worker: FederatedWorker, ids: Sequence[int]) -> List[Neighbour]:
+        if worker is not self.aggregator:
+            raise InvalidStateError("only the aggregator requests models from the simulation")
+        unknown = [i for i in ids if i not in worker.in_neighbours]
+        if unknown:
+            raise InvalidStateError(f"aggregator asked non-neighbours {unknown[:5]} for models")
+        blocks = make_blocks(ids, self.fl.reduce_blocks)
+        results = self.backend.run_round(self.round_idx, blocks, self.global_state, self.client_states)
+        stats = sorted((s for r in results for s in r.stats), key=lambda s: s.client_id)
+        for result in results:
+            self.client_states.update(result.client_states)
+        self._round_stats = stats
+        if self.algorithm.linear_aggregation:
+            updates = sorted((u for r in results for u in r.block_updates), key=lambda bu: bu[0])
+            total = WeightedUpdate()
+            for _, update in updates:
+                total.add_(update)
+            worker._reduced = total
+        models = {cid: (n, m) for r in results for cid, n, m in r.models}
+        out = []
+        for stat in stats:
+            neighbour = worker.in_neighbours[stat.client_id]
+            neighbour.sample_num = stat.sample_num
+            neighbour.last_sync = self.round_idx
+            if stat.client_id in models:
+                neighbour.model = models[stat.client_id][1]
+            out.append(neighbour)
+        return out
+
+    def train(self, worker: FederatedWorker, model_dir: Optional[str] = None):
+        raise InvalidStateError("the aggregator does not train in a star topology")
+
+    def test(self, worker: FederatedWorker) -> Dict[str, float]:
+        return self.evaluate()
+
+    # -- rounds ---------------------------------------------------------------------------
+    def evaluate(self) -> Dict[str, float]:
+        """Metrics of the global model on the validation split."""
+        from fedrec.utilities.metrics import compute_metrics
+
+        self.trainer.model.load_state_dict(self.global_state)
+        labels, probs = self.trainer.predict(self.trainer.dataloaders["val"], self.fl.num_eval_batches)
+        return compute_metrics(labels, probs)
+
+    def run_round(self) -> Dict[str, Any]:
+        start = time.perf_counter()
+        self.aggregator.round_idx = self.round_idx
+        self.aggregator._reduced = None
+        self._loop.run_until_complete(self.aggregator.run())
+        self.aggregator.in_neighbours.release_models()  # type: ignore[attr-defined]
+        self.aggregator._reduced = None
+        seconds = time.perf_counter() - start
+        stats = self._round_stats
+        samples = sum(s.num_samples for s in stats)
+        row: Dict[str, Any] = {
+            "round": self.round_idx + 1,  # rounds completed, 1-based
+            "clients": len(stats),
+            "samples": samples,
+            "round_seconds": seconds,
+            "train_loss": (sum(s.loss_sum for s in stats) / samples) if samples else math.nan,
+            "bytes_down": sum(s.bytes_down for s in stats),
+            "bytes_up": sum(s.bytes_up for s in stats),
+        }
+        for key in ("bytes_down", "bytes_up", "samples", "clients"):
+            self.totals[key] += row[key]
+        if (self.round_idx + 1) % self.fl.eval_every_n_rounds == 0 or self.round_idx + 1 == self.fl.num_rounds:
+            eval_start = time.perf_counter()
+            row.update(self.evaluate())
+            row["eval_seconds"] = time.perf_counter() - eval_start
+        self.round_idx += 1
+        return row
+
+    def run(self) -> List[Dict[str, Any]]:
+        bar = tqdm(total=self.fl.num_rounds, initial=self.round_idx, unit="round", desc="fl",
+                   disable=not self.fl.progress_bar, dynamic_ncols=True)
+        try:
+            while self.round_idx < self.fl.num_rounds:
+                row = self.run_round()
+                self.history.append(row)
+                self.logger.log_metrics("fl", row["round"], row)
+                self.save_checkpoint()
+                bar.update(1)
+                if "roc_auc" in row:
+                    bar.set_postfix(auc=f"{row['roc_auc']:.4f}", s=f"{row['round_seconds']:.2f}")
+        finally:
+            bar.close()
+        self._write_summary()
+        return self.history
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "global": self.global_state,
+            "round": self.round_idx,
+            "aggregator_extra": dict(self.aggregator.extra),
+            "client_states": {int(k): v for k, v in self.client_states.items()},
+            "totals": dict(self.totals),
+        }
+
+    def save_checkpoint(self) -> None:
+        self.saver.save(self.round_idx, self.state_dict())
+
+    def resume(self) -> bool:
+        path = self.saver.latest()
+        if path is None:
+            return False
+        from fedrec.utilities.checkpoint import CheckpointManager
+
+        state = CheckpointManager.load(path)
+        self.update_model(self.aggregator, state["global"])
+        self.round_idx = int(state["round"])
+        self.aggregator.extra = dict(state["aggregator_extra"])
+        self.client_states = {int(k): v for k, v in state["client_states"].items()}
+        self.totals = dict(state["totals"])
+        self.logger.info(f"resumed from {path} at round {self.round_idx}")
+        return True
+
+    def _write_summary(self) -> None:
+        final = self.history[-1] if self.history else {}
+        summary = {"rounds": self.round_idx, "totals": self.totals,
+                   "final": {k: v for k, v in final.items() if isinstance(v, (int, float))}}
+        tmp = self.logdir / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2, default=float))
+        tmp.replace(self.logdir / "summary.json")
+
+    def close(self) -> None:
+        self.backend.close()
+        self._loop.close()

@@ -1,0 +1,271 @@
+"""``FederatedWorker``: the tutorial's API for writing a federated-learning algorithm.
+
+Subclass it, implement ``async run()`` (what each role does in a round), ``aggregate`` and
+``sample_neighbours``, register it with ``@registry.load("fl_algo", name)`` and name it in
+the config's ``fl.fl_algo``. See ``fedrec/federated/fed_avg.py`` for FedAvg.
+
+A worker is a cheap record (id, roles, neighbours, sample count, round index, per-client
+state), not a live model: 10,000+ of them fit in one process. The models live in a
+*runtime*: each process holds one model replica that a trainer worker loads its weights
+into while it runs, and the aggregator holds the global weights. Asking neighbours for
+their models (``request_models_suspendable``) is where the simulator schedules their work,
+in this process or on MPI ranks.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, MutableMapping, Optional, Sequence, Union
+
+import torch
+
+ROLES = ("aggregator", "trainer")
+
+
+class InvalidStateError(RuntimeError):
+    """A worker asked to do something its roles or state do not allow."""
+
+
+@dataclasses.dataclass
+class Neighbour:
+    """What a worker knows of a neighbour: its id, its last model and sample count."""
+
+    id: int
+    model: Any = None
+    sample_num: int = 0
+    last_sync: int = -1
+
+    # A Neighbour may stand for its id, so the tutorial's `self.in_neighbours[n]` works
+    # whether `n` is an id or the Neighbour that `request_models_suspendable` returned.
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Neighbour):
+            return self.id == other.id
+        return isinstance(other, int) and self.id == other
+
+    def __index__(self) -> int:
+        return self.id
+
+
+NeighbourKey = Union[int, Neighbour]
+
+
+def neighbour_id(key: NeighbourKey) -> int:
+    return key.id if isinstance(key, Neighbour) else int(key)
+
+
+class NeighbourTable(MutableMapping[int, Neighbour]):
+    """Neighbours by id; accepts a ``Neighbour`` or an id as key.
+
+    Built from compact arrays when a worker has thousands of neighbours: a ``Neighbour``
+    object exists only for those touched, so an aggregator over 100,000 trainers costs a
+    few arrays, not 100,000 objects.
+    """
+
+    def __init__(self, ids: Sequence[int] = (), sample_nums: Optional[Sequence[int]] = None) -> None:
+        self._ids = [int(i) for i in ids]
+        self._index = {i: k for k, i in enumerate(self._ids)}
+        self._sample_nums = list(sample_nums) if sample_nums is not None else [0] * len(self._ids)
+        self._live: Dict[int, Neighbour] = {}
+
+    def __getitem__(self, key: NeighbourKey) -> Neighbour:
+        nid = neighbour_id(key)
+        live = self._live.get(nid)
+        if live is not None:
+            return live
+        if nid not in self._index:
+            raise KeyError(f"worker {nid} is not a neighbour")
+        neighbour = Neighbour(nid, sample_num=int(self._sample_nums[self._index[nid]]))
+        self._live[nid] = neighbour
+        return neighbour
+
+    def __setitem__(self, key: NeighbourKey, value: Neighbour) -> None:
+        nid = neighbour_id(key)
+        if nid not in self._index:
+            self._index[nid] = len(self._ids)
+            self._ids.append(nid)
+            self._sample_nums.append(value.sample_num)
+        self._live[nid] = value
+
+    def __delitem__(self, key: NeighbourKey) -> None:
+        raise InvalidStateError("neighbours are fixed by the topology")
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            return neighbour_id(key) in self._index  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return False
+
+    def release_models(self) -> None:
+        """Forget the models received in a round (they are large; the ids stay)."""
+        for neighbour in self._live.values():
+            neighbour.model = None
+        self._live.clear()
+
+
+@dataclasses.dataclass
+class WorkerState:
+    """A worker as data: what ``serialise`` writes and ``load_worker`` reads."""
+
+    worker_index: int
+    roles: List[str]
+    round_idx: int = 0
+    sample_num: int = 0
+    in_neighbours: List[int] = dataclasses.field(default_factory=list)
+    out_neighbours: List[int] = dataclasses.field(default_factory=list)
+    persistent_storage: Optional[str] = None
+    extra: Dict[str, Any] = dataclasses.field(default_factory=dict)  # JSON-safe per-client state
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "WorkerState":
+        return cls(**json.loads(text))
+
+
+class FederatedWorker(abc.ABC):
+    """One simulated participant with one or more roles (``aggregator``, ``trainer``)."""
+
+    #: Declare True when ``aggregate`` is a sample-weighted mean of the neighbours'
+    #: models: the backend then pre-reduces updates (one message per process, not per
+    #: client) and ``reduced_update`` gives the sum. Otherwise every model is received.
+    linear_aggregation: bool = False
+
+    def __init__(
+        self,
+        worker_index: int,
+        roles: Sequence[str],
+        in_neighbours: Optional[MutableMapping[int, Neighbour]] = None,
+        out_neighbours: Optional[MutableMapping[int, Neighbour]] = None,
+        runtime: Any = None,
+        round_idx: int = 0,
+        sample_num: int = 0,
+        persistent_storage: Optional[str] = None,
+        client_num_per_round: int = 0,
+        extra: Optional[Dict[str, Any]] = None,
+    ) -> None:
+        unknown = [r for r in roles if r not in ROLES]
+        if unknown:
+            raise InvalidStateError(f"unknown role(s) {unknown} for worker {worker_index}; known: {ROLES}")
+        self.worker_index = int(worker_index)
+        self.roles = list(roles)
+        self.in_neighbours = in_neighbours if in_neighbours is not None else NeighbourTable()
+        self.out_neighbours = out_neighbours if out_neighbours is not None else NeighbourTable()
+        self.runtime = runtime
+        self.round_idx = round_idx
+        self.sample_num = sample_num
+        self.persistent_storage = persistent_storage
+        self.client_num_per_round = client_num_per_round
+        self.extra: Dict[str, Any] = dict(extra or {})
+        self.role: str = self.roles[0] if self.roles else ""
+        self._reduced: Any = None
+
+    # -- what an algorithm implements ----------------------------------------------------
+    @abc.abstractmethod
+    async def run(self) -> None:
+        """One round of this worker in its current ``self.role``."""
+
+    def aggregate(self, neighbour_ids: Iterable[NeighbourKey]) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} does not aggregate")
+
+    def sample_neighbours(self, round_idx: int, client_num_per_round: int) -> List[int]:
+        """All in-neighbours by default; algorithms override with their sampling."""
+        return list(self.in_neighbours)
+
+    # -- models --------------------------------------------------------------------------
+    def get_model(self) -> Dict[str, torch.Tensor]:
+        """This worker's current weights (a live view: copy before keeping)."""
+        return self._runtime().get_model(self)
+
+    def update_model(self, weights: Union[Mapping[str, torch.Tensor], Neighbour]) -> None:
+        """Replace this worker's weights (a state dict, or a neighbour's model)."""
+        if isinstance(weights, Neighbour):
+            weights = weights.model
+        if weights is None:
+            raise InvalidStateError(f"worker {self.worker_index}: update_model got no weights")
+        self._runtime().update_model(self, weights)
+
+    async def request_models_suspendable(self, neighbours: Iterable[NeighbourKey]) -> List[Neighbour]:
+        """Ask ``neighbours`` for their models; returns them with ``model`` filled in.
+
+        For an aggregator this is where the selected trainers train (the runtime runs
+        them, here or on other processes); for a trainer it fetches the aggregator's
+        global model. The call suspends until the models are there.
+        """
+        ids = [neighbour_id(n) for n in neighbours]
+        return await self._runtime().request_models(self, ids)
+
+    def reduced_update(self, neighbour_ids: Iterable[NeighbourKey] = ()) -> Any:
+        """The pre-reduced ``WeightedUpdate`` of the last request (linear algorithms)."""
+        if self._reduced is None:
+            raise InvalidStateError(
+                f"{type(self).__name__}: no reduced update; declare linear_aggregation = True "
+                "and call request_models_suspendable first"
+            )
+        return self._reduced
+
+    async def train(self, model_dir: Optional[str] = None) -> Any:
+        """Local training on this worker's data with the current weights."""
+        if "trainer" not in self.roles:
+            raise InvalidStateError(f"worker {self.worker_index} has no trainer role")
+        return self._runtime().train(self, model_dir=model_dir)
+
+    async def test(self) -> Dict[str, float]:
+        """Metrics of this worker's current model on the validation data."""
+        return self._runtime().test(self)
+
+    # -- persistence ---------------------------------------------------------------------
+    def serialise(self) -> WorkerState:
+        return WorkerState(
+            worker_index=self.worker_index,
+            roles=list(self.roles),
+            round_idx=self.round_idx,
+            sample_num=self.sample_num,
+            in_neighbours=list(self.in_neighbours),
+            out_neighbours=list(self.out_neighbours),
+            persistent_storage=self.persistent_storage,
+            extra=dict(self.extra),
+        )
+
+    @classmethod
+    def load_worker(cls, state: WorkerState, runtime: Any = None, **kwargs: Any) -> "FederatedWorker":
+        return cls(
+            worker_index=state.worker_index,
+            roles=state.roles,
+            in_neighbours=NeighbourTable(state.in_neighbours),
+            out_neighbours=NeighbourTable(state.out_neighbours),
+            runtime=runtime,
+            round_idx=state.round_idx,
+            sample_num=state.sample_num,
+            persistent_storage=state.persistent_storage,
+            extra=state.extra,
+            **kwargs,
+        )
+
+    def _runtime(self):
+        if self.runtime is None:
+            raise InvalidStateError(f"worker {self.worker_index} is not attached to a simulation runtime")
+        return self.runtime
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(id={self.worker_index}, roles={self.roles}, round={self.round_idx})"
+
+
+def save_worker_state(state: WorkerState, path: str | Path) -> None:
+    Path(path).write_text(state.to_json())
+
+
+def load_worker_state(path: str | Path) -> WorkerState:
+    return WorkerState.from_json(Path(path).read_text())
