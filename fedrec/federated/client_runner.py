@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from fedrec.federated.config import FLConfig
-from fedrec.federated.update import WeightedUpdate
+from fedrec.federated.update import WeightedUpdate, gather_rows
 from fedrec.federated_worker import FederatedWorker, InvalidStateError, Neighbour, NeighbourTable
 from fedrec.trainers.base_trainer import LocalTrainResult
 from fedrec.utilities import registry
@@ -82,6 +82,8 @@ class ClientRunner:
         self.dense_names = [n for n in self.replica if not (self.sparse_mode and n in self.table_names)]
         self._job: Optional[RoundJob] = None
         self._touched: Dict[str, torch.Tensor] = {}
+        self._make_optimizer = registry.prepare("optimizer", fl.optimizer_config)
+        self._dense_bytes = sum(self.replica[n].numel() for n in self.dense_names) * fl.value_bytes
         self._last_train: Optional[LocalTrainResult] = None
 
     # -- the runtime protocol (what FederatedWorker calls) -----------------------------
@@ -114,7 +116,7 @@ class ClientRunner:
         cid = worker.worker_index
         indices = self.partition.indices_of(cid)
         fl = self.fl
-        optimizer = registry.construct("optimizer", fl.optimizer_config, model=self.model)
+        optimizer = self._make_optimizer(model=self.model)
         seed = derive_seed(self.seed, worker.round_idx, cid)
         loader = self.trainer.client_loader(indices, fl.local_batch_size, seed=seed)
         total = LocalTrainResult(0, 0, 0.0)
@@ -200,12 +202,12 @@ class ClientRunner:
         with torch.no_grad():
             torch._foreach_copy_([self.replica[n] for n in names], [global_state[n] for n in names])
             for name, ids in self._touched.items():
-                self.replica[name].index_copy_(0, ids, global_state[name].index_select(0, ids))
+                self.replica[name].index_copy_(0, ids, gather_rows(global_state[name], ids))
 
     def _model_bytes(self) -> int:
         """Bytes of the model a client downloads (sparse mode: only its rows)."""
         value = self.fl.value_bytes
-        dense = sum(self.replica[n].numel() for n in self.dense_names) * value
+        dense = self._dense_bytes
         dim_of = {n: self.replica[n].shape[1] for n in self._touched}
         rows = sum(ids.numel() * (8 + dim_of[n] * value) for n, ids in self._touched.items())
         return int(dense + rows)
@@ -220,8 +222,13 @@ class ClientRunner:
 
     def _rows_of(self, cid: int) -> Dict[str, torch.Tensor]:
         """Embedding rows client ``cid``'s data touches, per table parameter."""
-        indices = self.partition.indices_of(cid)
-        sparse = np.asarray(self.trainer.dataset.split("train").sparse[np.sort(indices)])
+        return self.rows_of_clients([cid])
+
+    def rows_of_clients(self, client_ids: Sequence[int]) -> Dict[str, torch.Tensor]:
+        """The union of embedding rows these clients' data touch (a process's submodel)."""
+        parts = [self.partition.indices_of(c) for c in client_ids]
+        indices = np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+        sparse = np.asarray(self.trainer.dataset.split("train").sparse[indices])
         return touched_rows(self.model, sparse)
 
 

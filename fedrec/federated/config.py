@@ -33,6 +33,7 @@ class FLConfig(pydantic.BaseModel):
     mpi_processes: Optional[int] = pydantic.Field(None, ge=1)  # worker processes to use (default: all)
     client_threads: Optional[int] = pydantic.Field(None, ge=1)  # torch threads per process
     keep_checkpoints: int = pydantic.Field(2, ge=1)
+    checkpoint_every_n_rounds: int = pydantic.Field(1, ge=1)  # the last round is always saved
     value_bytes: int = pydantic.Field(4, ge=1)  # bytes per number on the wire (accounting)
     progress_bar: bool = True
 

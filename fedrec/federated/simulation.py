@@ -214,7 +214,8 @@ class Simulation:
                 row = self.run_round()
                 self.history.append(row)
                 self.logger.log_metrics("fl", row["round"], row)
-                self.save_checkpoint()
+                if self.round_idx % self.fl.checkpoint_every_n_rounds == 0 or self.round_idx == self.fl.num_rounds:
+                    self.save_checkpoint()
                 bar.update(1)
                 if "roc_auc" in row:
                     bar.set_postfix(auc=f"{row['roc_auc']:.4f}", s=f"{row['round_seconds']:.2f}")

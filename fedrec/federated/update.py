@@ -22,6 +22,47 @@ from torch import Tensor
 
 
 @dataclasses.dataclass
+class RowSubset:
+    """Some rows of an embedding table: what a submodel carries instead of the table."""
+
+    ids: Tensor  # int64 [k], unique and ascending
+    values: Tensor  # [k, dim]
+    num_rows: int  # rows of the whole table
+
+    def gather(self, ids: Tensor) -> Tensor:
+        positions = torch.searchsorted(self.ids, ids)
+        if positions.numel() and (int(positions.max()) >= self.ids.numel()
+                                  or not torch.equal(self.ids[positions], ids)):
+            raise KeyError("rows requested that this submodel does not carry")
+        return self.values.index_select(0, positions)
+
+    def nbytes(self, value_bytes: int = 4, id_bytes: int = 8) -> int:
+        return int(self.ids.numel()) * id_bytes + int(self.values.numel()) * value_bytes
+
+
+def gather_rows(table: "Tensor | RowSubset", ids: Tensor) -> Tensor:
+    """Rows ``ids`` of a full table or of a submodel's ``RowSubset``."""
+    if isinstance(table, RowSubset):
+        return table.gather(ids)
+    return table.index_select(0, ids)
+
+
+def submodel(state: Mapping[str, Tensor], table_rows: Mapping[str, Tensor]) -> Dict[str, "Tensor | RowSubset"]:
+    """``state`` with each table in ``table_rows`` cut down to those rows (for download)."""
+    out: Dict[str, "Tensor | RowSubset"] = {}
+    for name, tensor in state.items():
+        ids = table_rows.get(name)
+        out[name] = tensor if ids is None else RowSubset(ids, tensor.index_select(0, ids), int(tensor.shape[0]))
+    return out
+
+
+def state_nbytes(state: Mapping[str, "Tensor | RowSubset"], value_bytes: int = 4) -> int:
+    """Bytes of a (sub)model on the wire."""
+    return sum(v.nbytes(value_bytes) if isinstance(v, RowSubset) else int(v.numel()) * value_bytes
+               for v in state.values())
+
+
+@dataclasses.dataclass
 class RowUpdate:
     """Weighted deltas for some rows of one embedding table (ids unique, ascending)."""
 
@@ -55,7 +96,7 @@ class WeightedUpdate:
     num_clients: int = 0
 
     @classmethod
-    def from_client(cls, trained: Mapping[str, Tensor], base: Mapping[str, Tensor], weight: float,
+    def from_client(cls, trained: Mapping[str, Tensor], base: Mapping[str, "Tensor | RowSubset"], weight: float,
                     dense_names: Iterable[str], touched_rows: Optional[Mapping[str, Tensor]] = None
                     ) -> "WeightedUpdate":
         """One client's weighted delta: dense for ``dense_names``, rows for ``touched_rows``."""
@@ -64,7 +105,7 @@ class WeightedUpdate:
         torch._foreach_mul_(deltas, float(weight))
         rows: Dict[str, RowUpdate] = {}
         for name, ids in (touched_rows or {}).items():
-            delta = trained[name].index_select(0, ids) - base[name].index_select(0, ids)
+            delta = trained[name].index_select(0, ids) - gather_rows(base[name], ids)
             delta.mul_(float(weight))
             rows[name] = RowUpdate(ids, delta, torch.full((ids.numel(),), float(weight), dtype=torch.float64))
         return cls(dict(zip(names, deltas)), rows, float(weight), 1)

@@ -1,0 +1,83 @@
+"""Shared pieces of the FL benchmarks: data set-up, the compute floor, JSON lines."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def emit(**fields: Any) -> None:
+    """One JSON line on stdout (benchmarks print JSON lines, nothing else on stdout)."""
+    print(json.dumps(fields, default=float), flush=True)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def make_data(workdir: Path, rows: int, max_ind_range: int = -1, seed: int = 0) -> Dict[str, Any]:
+    """Synthetic Criteo rows, preprocessed; returns a config dict pointing at them."""
+    from fedrec.data import synthesize
+    from fedrec.runner import run_preprocess
+    from fedrec.utilities.config import load_config
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    datafile = workdir / "synthetic.txt"
+    if not datafile.exists():
+        synthesize(rows, str(datafile), seed=seed)
+    processed = workdir / f"processed-{max_ind_range}"
+    config = load_config(ROOT / "configs" / "dlrm_fl.yml", sets=[
+        f"model.preproc.datafile={datafile}", f"model.preproc.output_file={processed}",
+        f"model.preproc.max_ind_range={max_ind_range}", "fl.progress_bar=false",
+        "fl.backend=local"])
+    if not (processed / "metadata.json").exists():
+        run_preprocess(config, progress=False)
+    return config
+
+
+def floor_round(sim: Any, round_idx: int) -> float:
+    """Seconds to train this round's clients' batches centrally: one model, one optimizer,
+    the same batches in the same order, no weight loading and no update handling."""
+    from fedrec.utilities import registry
+    from fedrec.utilities.random_state import derive_seed
+
+    fl = sim.fl
+    trainer = sim.trainer
+    clients = sim.aggregator.sample_neighbours(round_idx, fl.client_num_per_round)
+    optimizer = registry.construct("optimizer", fl.optimizer_config, model=trainer.model)
+    start = time.perf_counter()
+    for cid in sorted(clients):
+        loader = trainer.client_loader(sim.partition.indices_of(cid), fl.local_batch_size,
+                                       seed=derive_seed(fl.seed, round_idx, cid))
+        for epoch in range(fl.epochs if fl.local_steps is None else 1):
+            loader.set_epoch(epoch)
+            trainer.local_train(loader, optimizer, max_steps=fl.local_steps)
+    return time.perf_counter() - start
+
+
+def compare_with_floor(sim: Any, rounds: int, warmup: int = 1) -> Dict[str, Any]:
+    """Alternate simulator rounds and floor rounds; per-round seconds and their ratio."""
+    sim_seconds: List[float] = []
+    floor_seconds: List[float] = []
+    rows = []
+    for r in range(rounds):
+        row = sim.run_round()
+        elapsed = row["round_seconds"]  # clients + aggregation; evaluation excluded
+        floor = floor_round(sim, r)
+        if r >= warmup:
+            sim_seconds.append(elapsed)
+            floor_seconds.append(floor)
+        rows.append(row)
+    sim_mean = sum(sim_seconds) / len(sim_seconds)
+    floor_mean = sum(floor_seconds) / len(floor_seconds)
+    ratios = sorted(s / f for s, f in zip(sim_seconds, floor_seconds))
+    return {"sim_seconds_per_round": sim_mean, "floor_seconds_per_round": floor_mean,
+            "ratio_sim_over_floor": sim_mean / floor_mean,
+            "median_round_ratio": ratios[len(ratios) // 2], "rows": rows}
