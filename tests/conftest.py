@@ -45,6 +45,7 @@ def small_config(datafile: Path, processed: Path) -> Dict[str, Any]:
     config["train"]["config"].update({"batch_size": 64, "eval_batch_size": 4096, "progress_bar": False,
                                        "eval_every_n": 50, "report_every_n": 20, "save_every_n": 50})
     config["fl"].update({"num_workers": 40, "num_rounds": 3, "client_num_per_round": 8,
+                         "local_epochs": 1, "local_lr": 0.1,
                          "local_batch_size": 16, "progress_bar": False, "backend": "local",
                          "partitioner": {"name": "dirichlet", "alpha": 0.5}})
     return config
