@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench bench-mpi clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/preprocess.py
+
+# Seconds per federated round: local backend against 1 and 2 MPI worker processes.
+bench-mpi: $(STAMP)
+	$(PY) benchmarks/fl_mpi_scaling.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -1,1 +1,4 @@
-"""fedrec.trainers."""
+"""Trainers: ``BaseTrainer`` and the registered ``dlrm`` trainer."""
+
+from fedrec.trainers.base_trainer import BaseTrainer, LocalTrainResult, TrainProgress  # noqa: F401
+from fedrec.trainers.dlrm_trainer import DLRMTrainConfig, DLRMTrainer  # noqa: F401

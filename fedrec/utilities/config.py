@@ -145,18 +145,3 @@ def load_config(path: str | Path, sets: Iterable[str] = (), flags: Mapping[str, 
     if unknown:
         raise ConfigError(f"unknown top-level section(s) {unknown}; expected some of {list(TOP_LEVEL_SECTIONS)}")
     return config
-
-
-def dump_yaml(config: Mapping[str, Any], path: str | Path) -> None:
-    """Write the resolved config (what actually ran) next to the run's outputs."""
-    Path(path).write_text(yaml.safe_dump(_plain(config), sort_keys=False))
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value

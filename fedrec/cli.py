@@ -1,0 +1,178 @@
+"""``fedrec`` command line: synth, preprocess, train, simulate.
+
+Every job reads a YAML config (``--config``); the seed's flags (``--batch_size 256``) and
+``--set section.key=value`` override it. Errors in the config or the data end the run
+with one clear message (exit status 2), not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any, Callable, Dict, List, Optional
+
+from fedrec.utilities.config import FL_FLAG_PATHS, FLAG_PATHS, ConfigError, load_config
+
+# Flag name -> argparse options, for the seed's flat flags.
+_INT_FLAGS = (
+    "eval_every_n", "report_every_n", "save_every_n", "keep_every_n", "batch_size",
+    "eval_batch_size", "data_seed", "init_seed", "model_seed", "num_batches", "num_epochs",
+    "num_eval_batches", "max_ind_range",
+)
+_BOOL_FLAGS = ("eval_on_train", "no_eval_on_val", "log_gradients", "pin_memory")
+_FL_INT_FLAGS = ("num_rounds", "client_num_per_round", "local_epochs", "local_steps",
+                 "local_batch_size", "eval_every_n_rounds", "seed")
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/dlrm.yml")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config key, e.g. --set train.config.batch_size=256")
+    parser.add_argument("--datafile", help="raw Criteo-format file (model.preproc.datafile)")
+    parser.add_argument("--output_file", help="processed data folder (model.preproc.output_file)")
+    parser.add_argument("--max_ind_range", type=int, help="hash categoricals modulo this (> 0)")
+
+
+def _add_train_flags(parser: argparse.ArgumentParser, with_num_workers: bool) -> None:
+    for flag in _INT_FLAGS:
+        if flag != "max_ind_range":
+            parser.add_argument(f"--{flag}", type=int)
+    for flag in _BOOL_FLAGS:
+        parser.add_argument(f"--{flag}", action="store_const", const=True)
+    if with_num_workers:
+        parser.add_argument("--num_workers", type=int, help="background threads preparing batches")
+    parser.add_argument("--devices", nargs="+", help="e.g. cpu or cuda:0")
+    parser.add_argument("--logdir", required=True, help="where metrics, events and checkpoints go")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --logdir")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedrec", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    synth = sub.add_parser("synth", help="write a synthetic Criteo-format TSV with a planted click model")
+    synth.add_argument("--rows", type=int, required=True)
+    synth.add_argument("--out", required=True, help="output TSV path")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--num_users", type=int, default=1000, help="latent users (for natural FL splits)")
+
+    pre = sub.add_parser("preprocess", help="Criteo TSV (plain or .gz) -> memory-mapped arrays")
+    _add_common(pre)
+    pre.add_argument("--skip_bad_lines", action="store_const", const=True,
+                     help="skip and count malformed lines instead of stopping")
+
+    train = sub.add_parser("train", help="standard (centralized) training")
+    _add_common(train)
+    _add_train_flags(train, with_num_workers=True)
+
+    sim = sub.add_parser("simulate", help="federated simulation over many simulated workers")
+    _add_common(sim)
+    _add_train_flags(sim, with_num_workers=False)
+    sim.add_argument("--num_workers", type=int, help="number of simulated FL workers (fl.num_workers)")
+    for flag in _FL_INT_FLAGS:
+        sim.add_argument(f"--{flag}", type=int)
+    sim.add_argument("--local_lr", type=float)
+    sim.add_argument("--backend", choices=["local", "mpi"])
+    sim.add_argument("--embedding_updates", choices=["dense", "sparse"])
+    sim.add_argument("--embedding_aggregation", choices=["dense_equivalent", "per_row"])
+    return parser
+
+
+_NOT_FLAGS = {"command", "config", "sets", "logdir", "resume", "verbose", "rows", "out",
+              "seed_synth", "num_users"}
+
+
+def _flags(args: argparse.Namespace, paths: Dict[str, str]) -> tuple[Dict[str, Any], Dict[str, Any]]:
+    """Split given flags into seed flags (mapped by ``paths``) and direct dotted keys."""
+    out = {}
+    for key, value in vars(args).items():
+        if key in _NOT_FLAGS or value is None:
+            continue
+        if key == "skip_bad_lines":
+            out["model.preproc.skip_bad_lines"] = value
+            continue
+        out[key] = value
+    direct = {k: v for k, v in out.items() if "." in k}
+    flags = {k: v for k, v in out.items() if "." not in k}
+    unknown = sorted(set(flags) - set(paths))
+    if unknown:
+        raise ConfigError(f"flags {unknown} do not apply to this command")
+    return flags, direct
+
+
+def _config_from(args: argparse.Namespace, paths: Dict[str, str]) -> Dict[str, Any]:
+    flags, direct = _flags(args, paths)
+    sets = list(args.sets) + [f"{k}={v}" for k, v in direct.items()]
+    return load_config(args.config, sets=sets, flags=flags, flag_paths=paths)
+
+
+def _cmd_synth(args: argparse.Namespace) -> None:
+    from fedrec.data import synthesize
+
+    meta = synthesize(args.rows, args.out, seed=args.seed, num_users=args.num_users)
+    print(f"wrote {meta['rows']:,} rows to {args.out} (CTR {meta['ctr']:.3f}, "
+          f"optimal AUC {meta['optimal_auc']:.4f}); users in {args.out}.users.npy")
+
+
+def _cmd_preprocess(args: argparse.Namespace) -> None:
+    from fedrec.runner import run_preprocess
+
+    run_preprocess(_config_from(args, FLAG_PATHS), config_path=args.config)
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from fedrec.runner import run_train
+
+    run_train(_config_from(args, FLAG_PATHS), args.logdir, resume=args.resume, config_path=args.config)
+
+
+def _cmd_simulate(args: argparse.Namespace) -> None:
+    from fedrec.federated.run import run_simulation
+
+    run_simulation(_config_from(args, FL_FLAG_PATHS), args.logdir, resume=args.resume,
+                   config_path=args.config)
+
+
+COMMANDS: Dict[str, Callable[[argparse.Namespace], None]] = {
+    "synth": _cmd_synth,
+    "preprocess": _cmd_preprocess,
+    "train": _cmd_train,
+    "simulate": _cmd_simulate,
+}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from fedrec.data.errors import DataError
+    from fedrec.utilities.registry import ConfigTypeError, RegistryError
+
+    try:
+        COMMANDS[args.command](args)
+    except (ConfigError, ConfigTypeError, DataError, RegistryError, FileNotFoundError) as err:
+        print(f"fedrec {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def script_main(command: str, default_config: str, argv: Optional[List[str]] = None) -> int:
+    """Entry point of the seed's scripts (``python train_fl.py --num_workers 1000``).
+
+    The scripts take the same flags as the subcommand; ``--config`` defaults to the
+    shipped config so the seed's bare commands work from the project root.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" not in argv and not any(a.startswith("--config=") for a in argv):
+        argv = ["--config", default_config, *argv]
+    if command in ("train", "simulate") and "--logdir" not in argv and not any(
+            a.startswith("--logdir=") for a in argv):
+        argv = [*argv, "--logdir", f"runs/{command}"]
+    return main([command, *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

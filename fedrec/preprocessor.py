@@ -1,0 +1,83 @@
+"""The model's data preprocessor: the ``model.preproc`` config section as an object.
+
+The trainer receives it as ``model_preproc`` (the tutorial's name): it knows where the raw
+Criteo file is, how to turn it into memory-mapped arrays, and how to open them again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from fedrec.utilities import registry
+
+
+@registry.load("preproc", "dlrm")
+class DLRMPreprocessor:
+    """Preprocessing options for Criteo-format data (``model.preproc`` in the config)."""
+
+    def __init__(
+        self,
+        datafile: str = "data/criteo/train.txt",
+        output_file: str = "data/criteo/processed",
+        max_ind_range: int = -1,
+        threshold: int = 0,
+        dataset_config: Optional[Dict[str, Any]] = None,
+        split: str = "auto",
+        val_fraction: float = 0.05,
+        test_fraction: float = 0.05,
+        skip_bad_lines: bool = False,
+        users_file: Optional[str] = None,
+        config_path: Optional[str] = None,
+    ) -> None:
+        self.datafile = datafile
+        self.output_file = output_file
+        self.max_ind_range = max_ind_range
+        self.threshold = threshold
+        self.dataset_config = dict(dataset_config or {"name": "kaggle"})
+        self.split = split
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.skip_bad_lines = skip_bad_lines
+        self.users_file = users_file
+        self.config_path = config_path
+        self._dataset = None
+
+    @classmethod
+    def from_config(cls, model_config: Dict[str, Any], config_path: Optional[str] = None) -> "DLRMPreprocessor":
+        section = dict(model_config.get("preproc") or {})
+        section.pop("name", None)
+        return registry.instantiate(cls, section, kind="model.preproc", config_path=config_path)
+
+    def preprocess_data(self, progress: bool = True) -> Dict[str, Any]:
+        """Stream ``datafile`` into ``output_file``; returns the metadata written."""
+        from fedrec.data.criteo import preprocess
+
+        return preprocess(
+            self.datafile,
+            self.output_file,
+            max_ind_range=self.max_ind_range,
+            threshold=self.threshold,
+            dataset_config=self.dataset_config,
+            split=self.split,
+            val_fraction=self.val_fraction,
+            test_fraction=self.test_fraction,
+            skip_bad_lines=self.skip_bad_lines,
+            users_file=self.users_file,
+            progress=progress,
+        )
+
+    def load(self):
+        """The processed dataset (memory-mapped); a clear error says how to make it."""
+        if self._dataset is None:
+            from fedrec.data import DataError, ProcessedDataset
+
+            try:
+                self._dataset = ProcessedDataset.open(self.output_file)
+            except DataError as err:
+                config = self.config_path or "<your config>"
+                raise DataError(
+                    f"{err}\nRun first: fedrec preprocess --config {config}"
+                    f"  (reads {self.datafile}, writes {Path(self.output_file)})"
+                ) from None
+        return self._dataset
