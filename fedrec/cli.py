@@ -102,9 +102,16 @@ def _flags(args: argparse.Namespace, paths: Dict[str, str]) -> tuple[Dict[str, A
     return flags, direct
 
 
+# Flags that bound the same thing: giving one on the command line clears the other.
+_ALTERNATIVES = {"num_batches": "num_epochs", "num_epochs": "num_batches",
+                 "local_steps": "local_epochs", "local_epochs": "local_steps"}
+
+
 def _config_from(args: argparse.Namespace, paths: Dict[str, str]) -> Dict[str, Any]:
     flags, direct = _flags(args, paths)
-    sets = list(args.sets) + [f"{k}={v}" for k, v in direct.items()]
+    cleared = [f"{paths[_ALTERNATIVES[f]]}=null" for f in flags
+               if f in _ALTERNATIVES and _ALTERNATIVES[f] not in flags and _ALTERNATIVES[f] in paths]
+    sets = cleared + list(args.sets) + [f"{k}={v}" for k, v in direct.items()]
     return load_config(args.config, sets=sets, flags=flags, flag_paths=paths)
 
 

@@ -96,3 +96,14 @@ def test_fedrec_train_resume_flag(config, tmp_path, capsys):
     vals = [r["step"] for r in read_metrics(logdir / "metrics.jsonl") if r["phase"] == "val"]
     assert vals == [5, 10, 15]
     assert "resumed from" in (logdir / "run.log").read_text()
+
+
+def test_a_length_flag_replaces_its_alternative_from_the_file():
+    from fedrec.cli import _config_from, build_parser
+    from fedrec.utilities.config import FLAG_PATHS
+
+    args = build_parser().parse_args(["train", "--config", "configs/dlrm_small.yml", "--logdir", "x",
+                                      "--num_batches", "7"])
+    config = _config_from(args, FLAG_PATHS)
+    assert config["train"]["config"]["num_batches"] == 7
+    assert config["train"]["config"]["num_epochs"] is None
