@@ -230,3 +230,19 @@ def test_submodel_download_gives_identical_updates(config, tmp_path):
     for name in a.rows:
         assert torch.equal(a.rows[name].ids, b.rows[name].ids)
         assert torch.equal(a.rows[name].values, b.rows[name].values)
+
+
+def test_natural_split_by_latent_users(config, tmp_path):
+    """The synthetic generator's latent users carry through preprocessing into clients."""
+    config["fl"].update({"partitioner": {"name": "natural"}, "num_workers": 30, "num_rounds": 1})
+    sim, history = run(config, tmp_path)
+    users = sim.trainer.dataset.split("train").user
+    for cid in range(sim.partition.num_clients):
+        rows = sim.partition.indices_of(cid)
+        assert len(rows) > 0
+    # every latent user lands in exactly one client
+    owner = {}
+    for cid in range(sim.partition.num_clients):
+        for user in set(users[sim.partition.indices_of(cid)].tolist()):
+            assert owner.setdefault(user, cid) == cid
+    assert history[0]["clients"] == config["fl"]["client_num_per_round"]
