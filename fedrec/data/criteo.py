@@ -26,6 +26,7 @@ writing; since the split boundaries depend on the row count, it then writes once
 from __future__ import annotations
 
 import gzip
+import contextlib
 import hashlib
 import json
 import logging
@@ -873,15 +874,18 @@ def _scan(path: Path, parser: _ChunkParser, counter: Optional[_VocabCounter], ch
     bar = _progress_bar(path.stat().st_size, f"{path.name}: scan", progress)
     lines = bad = 0
     try:
-        blocks = _blocks(path, parser if counter is not None else None, chunk_bytes, hasher, bar)
-        for block, block_lines, table in blocks:
-            if lines == 0:
-                parser.check_first_line(block)
-            if counter is not None:
-                rows = parser.parse(block, block_lines, lines + 1, table)
-                counter.add(rows)
-                bad += rows.bad_lines
-            lines += block_lines
+        # closing(): an error mid-file must stop the read-ahead thread here and now, not
+        # whenever (and on whichever thread) the garbage collector finalizes the generator.
+        with contextlib.closing(_blocks(path, parser if counter is not None else None,
+                                        chunk_bytes, hasher, bar)) as blocks:
+            for block, block_lines, table in blocks:
+                if lines == 0:
+                    parser.check_first_line(block)
+                if counter is not None:
+                    rows = parser.parse(block, block_lines, lines + 1, table)
+                    counter.add(rows)
+                    bad += rows.bad_lines
+                lines += block_lines
     finally:
         if bar is not None:
             bar.close()
@@ -1000,17 +1004,18 @@ def _write_pass(path: Path, folder: Path, parser: _ChunkParser, encoder: _Encode
     bar = _progress_bar(path.stat().st_size, f"{path.name}: write", progress)
     seen = bad = 0
     try:
-        for block, block_lines, table in _blocks(path, parser, chunk_bytes, bar=bar):
-            rows = parser.parse(block, block_lines, seen + 1, table)
-            arrays = {"dense": rows.dense, "sparse": encoder.encode(rows), "label": rows.label}
-            if writer.row + len(rows) > sum(sizes.values()) or seen + block_lines > lines:
-                raise DataError(f"{path} changed while it was being preprocessed")
-            if users is not None:
-                ids = users.read(block_lines)
-                arrays["user"] = ids if rows.kept is None else ids[rows.kept]
-            writer.write(arrays)
-            seen += block_lines
-            bad += rows.bad_lines
+        with contextlib.closing(_blocks(path, parser, chunk_bytes, bar=bar)) as blocks:
+            for block, block_lines, table in blocks:
+                rows = parser.parse(block, block_lines, seen + 1, table)
+                arrays = {"dense": rows.dense, "sparse": encoder.encode(rows), "label": rows.label}
+                if writer.row + len(rows) > sum(sizes.values()) or seen + block_lines > lines:
+                    raise DataError(f"{path} changed while it was being preprocessed")
+                if users is not None:
+                    ids = users.read(block_lines)
+                    arrays["user"] = ids if rows.kept is None else ids[rows.kept]
+                writer.write(arrays)
+                seen += block_lines
+                bad += rows.bad_lines
     finally:
         writer.close()
         if users is not None:
