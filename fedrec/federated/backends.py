@@ -9,13 +9,15 @@ same whether one process runs them all or several share them.
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
 from fedrec.federated.client_runner import ClientRunner, JobResult, RoundJob
 
@@ -43,6 +45,24 @@ def assign_blocks(blocks: Sequence[Block], sizes: np.ndarray, processes: int) ->
     return [sorted(group) for group in out]
 
 
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the body with ``count`` torch threads, then restore the previous count.
+
+    Client training runs at ``fl.client_threads`` in every backend: a matmul's float
+    sums may depend on how many threads split it, and the local backend must give the
+    same bits as MPI worker processes (which run at that count all the time).
+    """
+    previous = torch.get_num_threads()
+    if previous != count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
+
+
 class Backend(abc.ABC):
     name = "backend"
 
@@ -60,13 +80,15 @@ class LocalBackend(Backend):
 
     name = "local"
 
-    def __init__(self, runner: ClientRunner) -> None:
+    def __init__(self, runner: ClientRunner, threads: int = 1) -> None:
         self.runner = runner
+        self.threads = threads
 
     def run_round(self, round_idx, blocks, global_state, client_states):
         job = RoundJob(round_idx, list(blocks), global_state,
                        {c: client_states[c] for _, ids in blocks for c in ids if c in client_states})
-        return [self.runner.run_job(job)]
+        with torch_threads(self.threads):
+            return [self.runner.run_job(job)]
 
 
 def launched_under_mpi_futures() -> bool:
@@ -85,14 +107,38 @@ def launched_under_mpi_futures() -> bool:
         return False
 
 
+def launcher_world_size() -> int:
+    """How many processes an MPI launcher (mpiexec/mpirun/srun) started, from its environment."""
+    for var in ("PMI_SIZE", "PMIX_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
 def make_backend(name: str, runner: ClientRunner, config: Dict[str, Any], logdir: Path,
-                 processes: Optional[int] = None) -> Backend:
+                 processes: Optional[int] = None, config_path: Optional[str] = None) -> Backend:
+    if name not in ("auto", "local", "mpi"):
+        raise ValueError(f"unknown fl.backend {name!r}; known: local, mpi, auto")
+    if launcher_world_size() > 1 and "mpi4py.futures" not in sys.modules:
+        # Every rank would run its own copy of the whole simulation into the same logdir.
+        from fedrec.utilities.registry import RegistryError
+
+        raise RegistryError(
+            f"this process is one of {launcher_world_size()} started by an MPI launcher without "
+            "mpi4py.futures; run `mpiexec -n K python -m mpi4py.futures train_fl.py ...` "
+            "(rank 0 runs the simulation, the other ranks its clients)")
     if name == "auto":
         name = "mpi" if launched_under_mpi_futures() else "local"
     if name == "local":
-        return LocalBackend(runner)
-    if name == "mpi":
-        from fedrec.federated.mpi_backend import MPIBackend
+        from fedrec.federated.mpi_backend import report_crashed_workers
 
-        return MPIBackend(config, logdir, runner.partition.sizes, processes=processes)
-    raise ValueError(f"unknown fl.backend {name!r}; known: local, mpi, auto")
+        for message in report_crashed_workers(Path(logdir)):  # an earlier MPI run's
+            log.warning(message)
+        return LocalBackend(runner, threads=runner.fl.client_threads)
+    from fedrec.federated.mpi_backend import MPIBackend
+
+    # Sparse mode: each process downloads the MLPs and only its clients' embedding rows.
+    rows_for = runner.rows_of_clients if runner.sparse_mode else None
+    return MPIBackend(config, logdir, runner.partition.sizes, processes=processes, config_path=config_path,
+                      rows_for=rows_for)

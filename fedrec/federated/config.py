@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional
 
 import pydantic
 
@@ -31,7 +31,10 @@ class FLConfig(pydantic.BaseModel):
     seed: int = 0
     reduce_blocks: int = pydantic.Field(12, ge=1)  # fixed reduction blocks: same sums for any #processes
     mpi_processes: Optional[int] = pydantic.Field(None, ge=1)  # worker processes to use (default: all)
-    client_threads: Optional[int] = pydantic.Field(None, ge=1)  # torch threads per process
+    # torch threads for client training, the same in every backend (matmul sums may
+    # depend on the thread count, so this keeps local and MPI results bit-identical)
+    client_threads: int = pydantic.Field(1, ge=1)
+    imports: List[str] = []  # modules (or .py files) imported on every process, e.g. user fl_algos
     keep_checkpoints: int = pydantic.Field(2, ge=1)
     checkpoint_every_n_rounds: int = pydantic.Field(1, ge=1)  # the last round is always saved
     value_bytes: int = pydantic.Field(4, ge=1)  # bytes per number on the wire (accounting)
@@ -57,6 +60,47 @@ class FLConfig(pydantic.BaseModel):
     @property
     def optimizer_config(self) -> Dict[str, Any]:
         return dict(self.local_optimizer) if self.local_optimizer else {"name": "sgd", "lr": self.local_lr}
+
+
+def import_modules(names: List[str]) -> None:
+    """Import ``fl.imports`` (module names, or paths to ``.py`` files) so that what they
+    register (``fl_algo`` and friends) exists in this process; every MPI worker does the same."""
+    import importlib
+    import importlib.util
+    import os
+    import sys
+    from pathlib import Path
+
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.append(cwd)  # user modules beside the run, also under `fedrec simulate`
+    for name in names:
+        if name.endswith(".py"):
+            path = Path(name).resolve()
+            module_name = f"fedrec_user_{path.stem}"
+            if module_name in sys.modules:
+                continue
+            spec = importlib.util.spec_from_file_location(module_name, path)
+            if spec is None or spec.loader is None or not path.exists():
+                raise FileNotFoundError(f"fl.imports: no Python file {path}")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[module_name]
+                raise
+        else:
+            try:
+                importlib.import_module(name)
+            except ModuleNotFoundError as err:
+                if err.name and name.startswith(err.name):
+                    from fedrec.utilities.registry import RegistryError
+
+                    raise RegistryError(
+                        f"fl.imports: cannot import {name!r} ({err}); the working directory {cwd} "
+                        f"is on sys.path: run from the folder that holds it or set PYTHONPATH") from None
+                raise
 
 
 def fl_config_from(config: Dict[str, Any]) -> FLConfig:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from fedrec.federated.backends import Backend, make_backend, make_blocks
 from fedrec.federated.client_runner import ClientRunner, ClientStats
-from fedrec.federated.config import FLConfig, fl_config_from
+from fedrec.federated.config import FLConfig, fl_config_from, import_modules
 from fedrec.federated.update import WeightedUpdate
 from fedrec.federated_worker import FederatedWorker, InvalidStateError, Neighbour, NeighbourTable
 from fedrec.utilities import registry
@@ -54,8 +54,8 @@ def build_client_runner(config: Dict[str, Any], logdir: Optional[Path], partitio
     from fedrec.runner import build_trainer
 
     fl = fl_config_from(config)
-    if fl.client_threads:
-        torch.set_num_threads(fl.client_threads)
+    import_modules(fl.imports)  # user algorithms must be registered on every process
+    torch.set_num_threads(fl.client_threads)  # an MPI worker process only trains clients
     trainer = build_trainer(_quiet_config(config), logdir=None, logger=None, config_path=config_path)
     if partition is None:
         from fedrec.federated.partition import ClientPartition
@@ -76,8 +76,9 @@ class Simulation:
         self.logdir = Path(logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
         self.logger = logger or NullLogger()
-        if self.fl.client_threads:
-            torch.set_num_threads(self.fl.client_threads)
+        import_modules(self.fl.imports)
+        # Client training runs at fl.client_threads (the backends set it around client
+        # work); evaluation here keeps the process's own thread count.
         if self.fl.topology.get("name", "star") != "star":
             raise registry.RegistryError(
                 f"fl.topology {self.fl.topology.get('name')!r} is not supported; known: star")
@@ -110,7 +111,7 @@ class Simulation:
         self.aggregator.role = "aggregator"
         self.client_states: Dict[int, Dict[str, Any]] = {}
         self.backend = backend or make_backend(self.fl.backend, self.runner, config, self.logdir,
-                                               processes=self.fl.mpi_processes)
+                                               processes=self.fl.mpi_processes, config_path=config_path)
         from fedrec.utilities.checkpoint import CheckpointManager
 
         self.saver = CheckpointManager(self.logdir / "checkpoints", keep_last=self.fl.keep_checkpoints)
