@@ -156,6 +156,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from fedrec.data.errors import DataError
+    from fedrec.federated.client_runner import ClientError
+    from fedrec.federated.mpi_backend import WorkerProcessError
     from fedrec.utilities.registry import ConfigTypeError, RegistryError
 
     try:
@@ -163,6 +165,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ConfigError, ConfigTypeError, DataError, RegistryError, FileNotFoundError) as err:
         print(f"fedrec {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except (ClientError, WorkerProcessError) as err:
+        # a client failed: the message names the rank, round and client; the last round's
+        # checkpoint is intact, so --resume continues once the cause is fixed
+        logging.getLogger("fedrec").debug("client failure", exc_info=True)
+        print(f"fedrec {args.command}: a client failed: {err}\n"
+              f"  the last round's checkpoint is intact: fix the cause and rerun with --resume",
+              file=sys.stderr)
+        return 1
     return 0
 
 
