@@ -91,7 +91,7 @@ def build_trainer(config: Dict[str, Any], logdir: Optional[str | Path] = None, l
 
 
 # What a run leaves in its logdir (archived when a fresh run starts in the same folder).
-_RUN_FILES = ("metrics.jsonl", "config.yml", "run.log", "checkpoints")
+_RUN_FILES = ("metrics.jsonl", "config.yml", "run.log", "checkpoints", "summary.json", "partition.npz")
 _PREVIOUS = "previous"
 
 
@@ -113,19 +113,20 @@ def run_train(config: Dict[str, Any], logdir: str | Path, resume: bool = False,
     resumed = trainer.resume() if resume else False
     notes = []
     if resumed:
-        dropped = _truncate_metrics(logdir / "metrics.jsonl", trainer.progress.step)
+        dropped = truncate_metrics(logdir / "metrics.jsonl", trainer.progress.step)
         if dropped:
             notes.append(f"dropped {dropped} metrics.jsonl line(s) after step {trainer.progress.step}; "
                          "the resumed run writes them again")
     else:
         if resume:
             notes.append(f"--resume: no checkpoint under {logdir / 'checkpoints'}; starting fresh")
-        archived = _archive_previous_run(logdir)
+        archived = archive_previous_run(logdir)
         if archived is not None:
             notes.append(f"{logdir} held an earlier run: moved its files to {archived} "
                          "(pass --resume to continue a run instead)")
     logdir.mkdir(parents=True, exist_ok=True)
-    with RunLogger(logdir) as logger:
+    purge_step = trainer.progress.step + 1 if resumed else None
+    with RunLogger(logdir, purge_step=purge_step) as logger:
         trainer.logger = logger
         for note in notes:
             logger.info(note)
@@ -141,7 +142,7 @@ def run_train(config: Dict[str, Any], logdir: str | Path, resume: bool = False,
     return {**{f"val_{k}": v for k, v in val.items()}, **{f"test_{k}": v for k, v in test.items()}}
 
 
-def _truncate_metrics(path: Path, step: int) -> int:
+def truncate_metrics(path: Path, step: int) -> int:
     """Drop the records of ``path`` logged after ``step``; returns how many (atomic rewrite)."""
     if not path.is_file():
         return 0
@@ -162,7 +163,7 @@ def _truncate_metrics(path: Path, step: int) -> int:
     return dropped
 
 
-def _archive_previous_run(logdir: Path) -> Optional[Path]:
+def archive_previous_run(logdir: Path) -> Optional[Path]:
     """Move an earlier run's files out of ``logdir`` (into ``previous/<time>``), if any."""
     if not logdir.is_dir():
         return None

@@ -246,3 +246,20 @@ def test_natural_split_by_latent_users(config, tmp_path):
         for user in set(users[sim.partition.indices_of(cid)].tolist()):
             assert owner.setdefault(user, cid) == cid
     assert history[0]["clients"] == config["fl"]["client_num_per_round"]
+
+
+def test_cli_resume_rewrites_rounds_after_the_checkpoint_and_fresh_runs_archive(config, tmp_path):
+    """`simulate --resume` after a crash: one metrics line per round; a fresh run moves old files."""
+    from fedrec.federated.run import run_simulation
+
+    logdir = tmp_path / "fl"
+    config["fl"]["checkpoint_every_n_rounds"] = 2
+    run_simulation(config, logdir, print_rounds=False)  # checkpoints after rounds 2 and 3
+    (logdir / "checkpoints" / "ckpt-000000003.pt").unlink()  # as if it died after round 3's log
+    run_simulation(config, logdir, resume=True, print_rounds=False)
+    rounds = [r["round"] for r in read_metrics(logdir / "metrics.jsonl") if r["phase"] == "fl"]
+    assert rounds == [1, 2, 3]
+    run_simulation(config, logdir, print_rounds=False)
+    rounds = [r["round"] for r in read_metrics(logdir / "metrics.jsonl") if r["phase"] == "fl"]
+    assert rounds == [1, 2, 3]
+    assert list((logdir / "previous").iterdir())

@@ -21,14 +21,31 @@ def run_simulation(config: Dict[str, Any], logdir: str | Path, resume: bool = Fa
     """Run a federated simulation; metrics.jsonl, TensorBoard and checkpoints go to ``logdir``."""
     from fedrec.utilities.logger import RunLogger
 
+    from fedrec.runner import archive_previous_run, truncate_metrics
+    from fedrec.utilities.checkpoint import CheckpointManager
+
     logdir = Path(logdir)
+    resume_round = CheckpointManager(logdir / "checkpoints").latest_step() if resume else None
+    notes = []
+    if resume_round is not None:
+        # rounds logged after the checkpoint are run (and logged) again
+        truncate_metrics(logdir / "metrics.jsonl", resume_round)
+    else:
+        if resume:
+            notes.append(f"--resume: no checkpoint under {logdir / 'checkpoints'}; starting fresh")
+        archived = archive_previous_run(logdir)
+        if archived is not None:
+            notes.append(f"{logdir} held an earlier run: moved its files to {archived}")
     logdir.mkdir(parents=True, exist_ok=True)
-    with RunLogger(logdir) as logger:
+    purge_step = None if resume_round is None else resume_round + 1
+    with RunLogger(logdir, purge_step=purge_step) as logger:
+        for note in notes:
+            logger.info(note)
         logger.log_config(config)
         sim = Simulation(config, logdir, logger=logger, config_path=config_path)
         try:
-            if resume and not sim.resume():
-                logger.info(f"--resume: no checkpoint under {logdir / 'checkpoints'}; starting fresh")
+            if resume_round is not None:
+                sim.resume()
             history = sim.run()
         finally:
             sim.close()

@@ -207,7 +207,10 @@ class RunLogger(BaseLogger):
         console: also print :meth:`info` messages and metric lines to stderr.
     """
 
-    def __init__(self, logdir: str | Path, use_tensorboard: bool = True, console: bool = True) -> None:
+    def __init__(self, logdir: str | Path, use_tensorboard: bool = True, console: bool = True,
+                 purge_step: int | None = None) -> None:
+        """``purge_step``: on resume, TensorBoard hides events at or after this step that an
+        interrupted run wrote, so the resumed run's values are the only ones shown."""
         self.logdir = Path(logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.logdir / METRICS_FILE
@@ -219,7 +222,7 @@ class RunLogger(BaseLogger):
         if use_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(self.logdir))
+            self._writer = SummaryWriter(log_dir=str(self.logdir), purge_step=purge_step)
 
         self._log = logging.getLogger(LOGGER_NAME)
         if self._log.level == logging.NOTSET:
