@@ -263,3 +263,27 @@ def test_cli_resume_rewrites_rounds_after_the_checkpoint_and_fresh_runs_archive(
     rounds = [r["round"] for r in read_metrics(logdir / "metrics.jsonl") if r["phase"] == "fl"]
     assert rounds == [1, 2, 3]
     assert list((logdir / "previous").iterdir())
+
+
+def test_fed_avgm_without_momentum_is_fed_avg_and_momentum_resumes(config, tmp_path):
+    config["fl"]["num_rounds"] = 3
+    plain, _ = run(copy.deepcopy(config), tmp_path / "avg")
+    config["fl"]["fl_algo"] = {"name": "fed_avgm", "server_lr": 1.0, "server_momentum": 0.0}
+    no_momentum, _ = run(copy.deepcopy(config), tmp_path / "avgm0")
+    for name, value in plain.global_state.items():
+        torch.testing.assert_close(no_momentum.global_state[name], value, atol=1e-6, rtol=1e-6)
+    # with momentum: a run interrupted after round 2 and resumed equals an uninterrupted one
+    config["fl"]["fl_algo"] = {"name": "fed_avgm", "server_lr": 1.0, "server_momentum": 0.9}
+    full, _ = run(copy.deepcopy(config), tmp_path / "full")
+    cut = Simulation(config, tmp_path / "cut", logger=MemoryLogger())
+    for _ in range(2):
+        cut.run_round()
+        cut.save_checkpoint()
+    cut.close()
+    resumed = Simulation(config, tmp_path / "cut", logger=MemoryLogger())
+    assert resumed.resume()
+    resumed.run()
+    resumed.close()
+    assert_same_weights(full.global_state, resumed.global_state)
+    assert not torch.equal(full.global_state["over_arch.mlp.layers.0.weight"],
+                           plain.global_state["over_arch.mlp.layers.0.weight"])

@@ -63,3 +63,39 @@ class FedAvgWorker(FederatedWorker):
             selected = np.random.choice(candidates, client_num_per_round, replace=False)
         log.debug("round %d: worker_indexes = %s", round_idx, selected)
         return sorted(int(i) for i in selected)
+
+
+@registry.load("fl_algo", "fed_avgm")
+class FedAvgMWorker(FedAvgWorker):
+    """FedAvg with server momentum (Hsu et al. 2019): ``v = beta * v + mean_delta``,
+    ``w += server_lr * v``. Clients train exactly as in FedAvg; only the aggregator differs.
+
+    Config: ``fl_algo: {name: fed_avgm, server_lr: 1.0, server_momentum: 0.9}``. With
+    ``server_momentum: 0`` and ``server_lr: 1`` it is FedAvg. The momentum buffers live in
+    the aggregator's ``extra`` state, so checkpoints and ``--resume`` carry them.
+    """
+
+    def __init__(self, *args, server_lr: float = 1.0, server_momentum: float = 0.9, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if server_lr <= 0 or not 0 <= server_momentum < 1:
+            raise ValueError(f"fed_avgm needs server_lr > 0 and 0 <= server_momentum < 1, "
+                             f"got {server_lr} and {server_momentum}")
+        self.server_lr = server_lr
+        self.server_momentum = server_momentum
+
+    def aggregate(self, neighbour_ids: Iterable[NeighbourKey]) -> Dict[str, torch.Tensor]:
+        model = self.get_model()
+        mean_delta = {name: torch.zeros_like(value) for name, value in model.items()}
+        self.reduced_update(neighbour_ids).apply_mean_(mean_delta, per_row=self.runtime.per_row_embeddings)
+        momentum = self.extra.setdefault("momentum", {})
+        with torch.no_grad():
+            for name, delta in mean_delta.items():
+                if not delta.is_floating_point():
+                    continue
+                buffer = momentum.get(name)
+                if buffer is None:
+                    buffer = momentum[name] = delta
+                else:
+                    buffer.mul_(self.server_momentum).add_(delta)
+                model[name].add_(buffer, alpha=self.server_lr)
+        return model
