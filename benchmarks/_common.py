@@ -45,6 +45,7 @@ def make_data(workdir: Path, rows: int, max_ind_range: int = -1, seed: int = 0) 
 def floor_round(sim: Any, round_idx: int) -> float:
     """Seconds to train this round's clients' batches centrally: one model, one optimizer,
     the same batches in the same order, no weight loading and no update handling."""
+    from fedrec.federated.client_runner import train_locally
     from fedrec.utilities import registry
     from fedrec.utilities.random_state import derive_seed
 
@@ -56,9 +57,7 @@ def floor_round(sim: Any, round_idx: int) -> float:
     for cid in sorted(clients):
         loader = trainer.client_loader(sim.partition.indices_of(cid), fl.local_batch_size,
                                        seed=derive_seed(fl.seed, round_idx, cid))
-        for epoch in range(fl.epochs if fl.local_steps is None else 1):
-            loader.set_epoch(epoch)
-            trainer.local_train(loader, optimizer, max_steps=fl.local_steps)
+        train_locally(trainer, loader, optimizer, fl)
     return time.perf_counter() - start
 
 

@@ -80,8 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_NOT_FLAGS = {"command", "config", "sets", "logdir", "resume", "verbose", "rows", "out",
-              "seed_synth", "num_users"}
+_NOT_FLAGS = {"command", "config", "sets", "logdir", "resume", "verbose", "rows", "out", "num_users"}
 
 
 def _flags(args: argparse.Namespace, paths: Dict[str, str]) -> tuple[Dict[str, Any], Dict[str, Any]]:

@@ -10,6 +10,7 @@ algorithms) or every client's model.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -119,17 +120,7 @@ class ClientRunner:
         optimizer = self._make_optimizer(model=self.model)
         seed = derive_seed(self.seed, worker.round_idx, cid)
         loader = self.trainer.client_loader(indices, fl.local_batch_size, seed=seed)
-        total = LocalTrainResult(0, 0, 0.0)
-        for epoch in range(fl.epochs):
-            loader.set_epoch(epoch)
-            remaining = None if fl.local_steps is None else fl.local_steps - total.num_steps
-            if remaining is not None and remaining <= 0:
-                break
-            result = self.trainer.local_train(loader, optimizer, max_steps=remaining)
-            total = LocalTrainResult(total.num_samples + result.num_samples,
-                                     total.num_steps + result.num_steps, total.loss_sum + result.loss_sum)
-            if result.num_steps == 0:
-                break
+        total = train_locally(self.trainer, loader, optimizer, fl)
         self._last_train = total
         return total
 
@@ -230,6 +221,24 @@ class ClientRunner:
         indices = np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
         sparse = np.asarray(self.trainer.dataset.split("train").sparse[indices])
         return touched_rows(self.model, sparse)
+
+
+def train_locally(trainer: Any, loader: Any, optimizer: Any, fl: FLConfig) -> LocalTrainResult:
+    """A client's local training: ``local_epochs`` passes over its data, or as many passes
+    as ``local_steps`` needs (the compute-floor benchmark runs exactly this too)."""
+    total = LocalTrainResult(0, 0, 0.0)
+    epochs = itertools.count() if fl.local_steps is not None else range(fl.local_epochs or 1)
+    for epoch in epochs:
+        remaining = None if fl.local_steps is None else fl.local_steps - total.num_steps
+        if remaining == 0:
+            break
+        loader.set_epoch(epoch)
+        result = trainer.local_train(loader, optimizer, max_steps=remaining)
+        total = LocalTrainResult(total.num_samples + result.num_samples,
+                                 total.num_steps + result.num_steps, total.loss_sum + result.loss_sum)
+        if result.num_steps == 0:  # no data: more passes would not add steps
+            break
+    return total
 
 
 def drive(coroutine: Any) -> Any:

@@ -54,10 +54,6 @@ class FLConfig(pydantic.BaseModel):
         return self
 
     @property
-    def epochs(self) -> int:
-        return self.local_epochs if self.local_epochs is not None else (1 if self.local_steps is None else 10**9)
-
-    @property
     def optimizer_config(self) -> Dict[str, Any]:
         return dict(self.local_optimizer) if self.local_optimizer else {"name": "sgd", "lr": self.local_lr}
 

@@ -185,6 +185,8 @@ def _init_worker(config: Dict[str, Any], logdir: str, config_path: Optional[str]
 
     try:
         _RUNNER = build_client_runner(config, Path(logdir), config_path=config_path)
+        # this process only trains clients: it runs at fl.client_threads throughout
+        torch.set_num_threads(_RUNNER.fl.client_threads)
     except BaseException as err:
         print(f"fedrec: MPI rank {_rank()} on {socket.gethostname()} failed to start: "
               f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)

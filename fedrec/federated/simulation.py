@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from fedrec.federated.backends import Backend, make_backend, make_blocks
 from fedrec.federated.client_runner import ClientRunner, ClientStats
 from fedrec.federated.config import FLConfig, fl_config_from, import_modules
-from fedrec.federated.update import WeightedUpdate
+from fedrec.federated.update import sum_updates
 from fedrec.federated_worker import FederatedWorker, InvalidStateError, Neighbour, NeighbourTable
 from fedrec.utilities import registry
 from fedrec.utilities.logger import BaseLogger, NullLogger
@@ -48,18 +48,23 @@ def build_partition(trainer: Any, fl: FLConfig):
     return partitioner.split(trainer.dataset.split("train"), fl.num_workers, fl.seed)
 
 
-def build_client_runner(config: Dict[str, Any], logdir: Optional[Path], partition: Any = None,
-                        config_path: Optional[str] = None) -> ClientRunner:
-    """A process's trainer replica, data and partition (rank 0 and every MPI worker)."""
+def build_client_runner(config: Dict[str, Any], logdir: Path, config_path: Optional[str] = None,
+                        new_partition: bool = False) -> ClientRunner:
+    """A process's trainer replica, data and partition (rank 0 and every MPI worker).
+
+    Rank 0 splits the data (``new_partition``) and saves the split into ``logdir``; the
+    MPI worker processes load that file rather than splitting again.
+    """
+    from fedrec.federated.partition import ClientPartition
     from fedrec.runner import build_trainer
 
     fl = fl_config_from(config)
     import_modules(fl.imports)  # user algorithms must be registered on every process
-    torch.set_num_threads(fl.client_threads)  # an MPI worker process only trains clients
     trainer = build_trainer(_quiet_config(config), logdir=None, logger=None, config_path=config_path)
-    if partition is None:
-        from fedrec.federated.partition import ClientPartition
-
+    if new_partition:
+        partition = build_partition(trainer, fl)
+        partition.save(Path(logdir) / PARTITION_FILE)
+    else:
         partition = ClientPartition.load(Path(logdir) / PARTITION_FILE)
     return ClientRunner(config, fl, trainer, partition, aggregator_id=fl.num_workers, logdir=logdir)
 
@@ -69,30 +74,24 @@ class Simulation:
 
     def __init__(self, config: Dict[str, Any], logdir: str | Path, logger: Optional[BaseLogger] = None,
                  config_path: Optional[str] = None, backend: Optional[Backend] = None) -> None:
-        from fedrec.runner import build_trainer
-
         self.config = config
         self.fl = fl_config_from(config)
         self.logdir = Path(logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
         self.logger = logger or NullLogger()
-        import_modules(self.fl.imports)
         # Client training runs at fl.client_threads (the backends set it around client
         # work); evaluation here keeps the process's own thread count.
         if self.fl.topology.get("name", "star") != "star":
             raise registry.RegistryError(
                 f"fl.topology {self.fl.topology.get('name')!r} is not supported; known: star")
 
-        trainer = build_trainer(_quiet_config(config), logdir=None, logger=None, config_path=config_path)
         start = time.perf_counter()
-        self.partition = build_partition(trainer, self.fl)
-        self.partition.save(self.logdir / PARTITION_FILE)
+        self.runner = build_client_runner(config, self.logdir, config_path, new_partition=True)
+        self.trainer = trainer = self.runner.trainer
+        self.partition = self.runner.partition
         labels = np.asarray(trainer.dataset.split("train").label)
-        self.logger.info(f"partition ({self.fl.partitioner.get('name')}, {time.perf_counter() - start:.2f}s): "
-                         f"{self.partition.describe(labels=labels)}")
-        self.runner = ClientRunner(config, self.fl, trainer, self.partition,
-                                   aggregator_id=self.fl.num_workers, logdir=self.logdir)
-        self.trainer = trainer
+        self.logger.info(f"data, model and partition ({self.fl.partitioner.get('name')}) ready in "
+                         f"{time.perf_counter() - start:.2f}s: {self.partition.describe(labels=labels)}")
         self.seed = self.fl.seed
         self.per_row_embeddings = self.runner.per_row_embeddings
         self.global_state: Dict[str, torch.Tensor] = {
@@ -149,10 +148,7 @@ class Simulation:
         self._round_stats = stats
         if self.algorithm.linear_aggregation:
             updates = sorted((u for r in results for u in r.block_updates), key=lambda bu: bu[0])
-            total = WeightedUpdate()
-            for _, update in updates:
-                total.add_(update)
-            worker._reduced = total
+            worker._reduced = sum_updates(update for _, update in updates)
         models = {cid: (n, m) for r in results for cid, n, m in r.models}
         out = []
         for stat in stats:

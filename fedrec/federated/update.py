@@ -126,9 +126,6 @@ class WeightedUpdate:
         self.num_clients += other.num_clients
         return self
 
-    def __add__(self, other: "WeightedUpdate") -> "WeightedUpdate":
-        return WeightedUpdate().add_(self).add_(other)
-
     def apply_mean_(self, state: Mapping[str, Tensor], per_row: bool = False) -> None:
         """``state += sum / weight`` in place.
 

@@ -21,7 +21,7 @@ import importlib
 import inspect
 import typing
 from collections import defaultdict
-from typing import Any, Callable, Dict, Mapping, TypeVar
+from typing import Any, Callable, Dict, Iterable, Mapping, TypeVar
 
 import pydantic
 
@@ -146,21 +146,27 @@ def accepted_keys(obj: Any) -> tuple[set[str], bool]:
 def instantiate(obj: Any, config: Mapping[str, Any], *, kind: str = "component",
                 unused_keys: tuple[str, ...] = (), **kwargs: Any) -> Any:
     """Call ``obj(**config, **kwargs)``, refusing config keys it does not accept."""
-    merged = {k: v for k, v in config.items() if k != "name" and k not in unused_keys}
-    merged.update(kwargs)
+    values = {k: v for k, v in config.items() if k != "name" and k not in unused_keys}
     label = f"{kind} {config.get('name')!r}" if "name" in config else kind
     if inspect.isclass(obj) and issubclass(obj, pydantic.BaseModel):
-        return validate_model(obj, merged, label)
+        return validate_model(obj, {**values, **kwargs}, label)
+    return obj(**_checked_values(obj, values, label, code_keys=kwargs), **kwargs)
+
+
+def _checked_values(obj: Any, values: Mapping[str, Any], label: str,
+                    code_keys: Iterable[str] = ()) -> Dict[str, Any]:
+    """Config ``values`` for ``obj``: unknown keys refused, types checked against its hints.
+
+    ``code_keys`` (arguments passed from code, not YAML) win over config keys of the
+    same name and are neither refused nor type-checked.
+    """
+    code_keys = set(code_keys)
+    values = {k: v for k, v in values.items() if k not in code_keys}
     names, has_var_kw = accepted_keys(obj)
-    if not has_var_kw:
-        unknown = sorted(set(merged) - names)
-        if unknown:
-            raise RegistryError(
-                f"{label} does not take config key(s) {unknown}; it takes: {sorted(names)}"
-            )
-    validated = _validate_types(obj, {k: v for k, v in merged.items() if k not in kwargs}, label)
-    merged.update(validated)
-    return obj(**merged)
+    unknown = sorted(set(values) - names)
+    if unknown and not has_var_kw:
+        raise RegistryError(f"{label} does not take config key(s) {unknown}; it takes: {sorted(names)}")
+    return {**values, **_validate_types(obj, values, label)}
 
 
 def validate_model(model: type, values: Mapping[str, Any], label: str) -> Any:
@@ -225,14 +231,7 @@ def prepare(kind: str, config: Any, unused_keys: tuple[str, ...] = ()) -> Callab
         config = {"name": config}
     obj = lookup(kind, config)
     values = {k: v for k, v in config.items() if k != "name" and k not in unused_keys}
-    label = f"{kind} {config.get('name')!r}"
-    if not (inspect.isclass(obj) and issubclass(obj, pydantic.BaseModel)):
-        names, has_var_kw = accepted_keys(obj)
-        unknown = sorted(set(values) - names)
-        if unknown and not has_var_kw:
-            raise RegistryError(f"{label} does not take config key(s) {unknown}; it takes: {sorted(names)}")
-        values.update(_validate_types(obj, values, label))
-    return functools.partial(obj, **values)
+    return functools.partial(obj, **_checked_values(obj, values, f"{kind} {config.get('name')!r}"))
 
 
 def construct(kind: str, config: Any, unused_keys: tuple[str, ...] = (), **kwargs: Any) -> Any:
