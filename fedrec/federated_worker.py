@@ -55,6 +55,24 @@ class Neighbour:
 NeighbourKey = Union[int, Neighbour]
 
 
+class Cohort(List[Neighbour]):
+    """What ``request_models_suspendable`` returns to an aggregator: the neighbours that
+    took part, plus what the runtime reduced from their uploads.
+
+    ``reduced`` is the cohort's summed ``WeightedUpdate`` (algorithms whose aggregation is
+    ``"sum"``), already through the server-side postprocessors; ``updates`` maps client id
+    to its own update (aggregation ``"updates"``: robust aggregators); each neighbour's
+    ``model`` is filled in for aggregation ``"models"`` (the tutorial's FedAvg).
+    """
+
+    def __init__(self, neighbours: Iterable[Neighbour] = (), reduced: Any = None,
+                 updates: Optional[Dict[int, Any]] = None, expected_size: float = 0.0) -> None:
+        super().__init__(neighbours)
+        self.reduced = reduced
+        self.updates: Dict[int, Any] = updates or {}
+        self.expected_size = expected_size
+
+
 def neighbour_id(key: NeighbourKey) -> int:
     return key.id if isinstance(key, Neighbour) else int(key)
 
@@ -107,6 +125,11 @@ class NeighbourTable(MutableMapping[int, Neighbour]):
         except (TypeError, ValueError):
             return False
 
+    def sample_nums(self) -> List[int]:
+        """Every neighbour's sample count, in iteration order (weighted sampling)."""
+        return [self._live[i].sample_num if i in self._live else int(n)
+                for i, n in zip(self._ids, self._sample_nums)]
+
     def release_models(self) -> None:
         """Forget the models received in a round (they are large; the ids stay)."""
         for neighbour in self._live.values():
@@ -136,12 +159,38 @@ class WorkerState:
 
 
 class FederatedWorker(abc.ABC):
-    """One simulated participant with one or more roles (``aggregator``, ``trainer``)."""
+    """One simulated participant with one or more roles (``aggregator``, ``trainer``).
 
-    #: Declare True when ``aggregate`` is a sample-weighted mean of the neighbours'
-    #: models: the backend then pre-reduces updates (one message per process, not per
-    #: client) and ``reduced_update`` gives the sum. Otherwise every model is received.
+    Beneath the tutorial's API sit the seams an algorithm overrides (defaults: FedAvg):
+
+    * trainer side, with the client's ``ClientContext`` (``fedrec.federated.context``):
+      ``begin_local_training`` (after the download, before training),
+      ``local_objective`` (the loss local training minimises, e.g. a proximal term) and
+      ``client_update`` (what the client uploads: its weighted delta, plus extras);
+    * aggregator side: ``aggregate`` receives the ``Cohort`` (the reduced sum, every
+      update, or every model, as ``aggregation`` declares) and ``server_values`` says what
+      to broadcast to the next round's clients; ``state_dict``/``load_state_dict`` carry
+      server state (the server optimizer's) through checkpoints.
+    """
+
+    #: Declare True when ``aggregate`` needs only the sum of the clients' uploads: the
+    #: backend then pre-reduces updates (one message per process, not per client) and
+    #: ``reduced_update`` gives the sum. Otherwise see ``aggregation``.
     linear_aggregation: bool = False
+    #: What the aggregator receives when ``linear_aggregation`` is False: ``"models"``
+    #: (every client's whole model, the tutorial's way) or ``"updates"`` (every client's
+    #: ``WeightedUpdate``, sparse rows included: robust aggregators).
+    aggregation: str = "models"
+
+    @classmethod
+    def aggregation_mode(cls) -> str:
+        """``"sum"``, ``"updates"`` or ``"models"``."""
+        if cls.linear_aggregation:
+            return "sum"
+        if cls.aggregation not in ("models", "updates"):
+            raise InvalidStateError(f"{cls.__name__}.aggregation must be 'models' or 'updates', "
+                                    f"got {cls.aggregation!r}")
+        return cls.aggregation
 
     def __init__(
         self,
@@ -170,7 +219,8 @@ class FederatedWorker(abc.ABC):
         self.client_num_per_round = client_num_per_round
         self.extra: Dict[str, Any] = dict(extra or {})
         self.role: str = self.roles[0] if self.roles else ""
-        self._reduced: Any = None
+        #: a trainer's ``ClientContext`` while it runs (set by the runtime)
+        self.context: Any = None
 
     # -- what an algorithm implements ----------------------------------------------------
     @abc.abstractmethod
@@ -207,14 +257,39 @@ class FederatedWorker(abc.ABC):
         ids = [neighbour_id(n) for n in neighbours]
         return await self._runtime().request_models(self, ids)
 
-    def reduced_update(self, neighbour_ids: Iterable[NeighbourKey] = ()) -> Any:
-        """The pre-reduced ``WeightedUpdate`` of the last request (linear algorithms)."""
-        if self._reduced is None:
+    def reduced_update(self, neighbours: Iterable[NeighbourKey] = ()) -> Any:
+        """The pre-reduced ``WeightedUpdate`` of a request (pass what it returned)."""
+        reduced = getattr(neighbours, "reduced", None)
+        if reduced is None:
             raise InvalidStateError(
                 f"{type(self).__name__}: no reduced update; declare linear_aggregation = True "
-                "and call request_models_suspendable first"
+                "and pass aggregate() the list request_models_suspendable returned"
             )
-        return self._reduced
+        return reduced
+
+    # -- client hooks (trainer role; defaults are FedAvg's) ------------------------------
+    def begin_local_training(self, context: Any) -> None:
+        """Called with the downloaded weights loaded, before local training."""
+
+    def local_objective(self, loss: torch.Tensor, context: Any) -> torch.Tensor:
+        """The loss local training minimises; default: the model's own loss."""
+        return loss
+
+    def client_update(self, context: Any) -> Any:
+        """What this client uploads after training: its delta weighted by its data size."""
+        return context.model_delta(weight=float(self.sample_num))
+
+    # -- aggregator state ----------------------------------------------------------------
+    def server_values(self) -> Dict[str, torch.Tensor]:
+        """Tensors broadcast to this round's clients with the weights (e.g. SCAFFOLD's c)."""
+        return {}
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The aggregator's state for checkpoints (weights_only-safe values)."""
+        return {"extra": dict(self.extra)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.extra = dict(state.get("extra", {}))
 
     async def train(self, model_dir: Optional[str] = None) -> Any:
         """Local training on this worker's data with the current weights."""

@@ -212,17 +212,18 @@ def test_ten_thousand_workers_are_cheap_records(tmp_path):
 def test_submodel_download_gives_identical_updates(config, tmp_path):
     """A process sent only the rows its clients use computes the same sums bit for bit."""
     from fedrec.federated.client_runner import RoundJob
+    from fedrec.federated.context import RoundContext
     from fedrec.federated.update import RowSubset, state_nbytes, submodel
 
     config["fl"]["embedding_updates"] = "sparse"
     sim = Simulation(config, tmp_path, logger=MemoryLogger())
     clients = [1, 4, 9, 17]
-    full = sim.runner.run_job(RoundJob(0, [(0, clients)], sim.global_state))
+    full = sim.runner.run_job(RoundJob(RoundContext(0, 0), [(0, clients)], sim.global_state))
     rows = sim.runner.rows_of_clients(clients)
     partial_state = submodel(sim.global_state, rows)
     assert any(isinstance(v, RowSubset) for v in partial_state.values())
     assert state_nbytes(partial_state) < state_nbytes(sim.global_state) / 5
-    partial = sim.runner.run_job(RoundJob(0, [(0, clients)], partial_state))
+    partial = sim.runner.run_job(RoundJob(RoundContext(0, 0), [(0, clients)], partial_state))
     sim.close()
     (_, a), (_, b) = full.block_updates[0], partial.block_updates[0]
     assert_same_weights(a.dense, b.dense)

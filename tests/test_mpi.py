@@ -24,7 +24,8 @@ import pytest
 import torch
 import yaml
 
-from fedrec.federated.backends import assign_blocks, make_backend, make_blocks
+from fedrec.federated.backends import assign_blocks, make_blocks
+from fedrec.federated.launch import make_backend
 from fedrec.federated.mpi_backend import MPIUnavailableError, pack, report_crashed_workers, unpack
 from fedrec.utilities.checkpoint import CheckpointManager
 from fedrec.utilities.logger import read_metrics

@@ -1,38 +1,56 @@
-"""Running trainer workers: one model replica per process, loaded per client.
+"""Running simulated clients: one model replica per process, loaded per client.
 
 Both backends use this class: the local backend in the simulator's own process, the MPI
-backend in every worker process. Given a ``RoundJob`` (the round, the global weights once,
-and blocks of client ids) it runs each client's ``FederatedWorker.run()`` in the trainer
-role against the replica and returns either one summed update per block (linear
-algorithms) or every client's model.
+backend in every MPI process. Given a ``RoundJob`` (the round's context, the global
+weights once, and blocks of client ids) it runs each client's ``FederatedWorker.run()``
+in the trainer role against the replica, through the algorithm's client hooks and the
+postprocessor chain, and returns one summed update per block (``sum`` aggregation),
+every client's update (``updates``) or every client's model (``models``).
+
+``build_client_runner`` is the one place a process (rank 0 or an MPI process) sets up
+its runner: data, replica, partition, algorithm, postprocessors, attack and state store.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from fedrec.federated.config import FLConfig
+from fedrec.federated.client_state import STATE_DIR, ClientStateStore
+from fedrec.federated.config import FLConfig, fl_config_from, import_modules
+from fedrec.federated.context import ClientContext, RoundContext
+from fedrec.federated.postprocessors import build_chain, run_client_chain
 from fedrec.federated.update import WeightedUpdate, gather_rows
 from fedrec.federated_worker import FederatedWorker, InvalidStateError, Neighbour, NeighbourTable
 from fedrec.trainers.base_trainer import LocalTrainResult
 from fedrec.utilities import registry
+from fedrec.utilities.config import ConfigError
 from fedrec.utilities.random_state import derive_seed
+
+PARTITION_FILE = "partition.npz"
+
+#: FederatedWorker's own constructor arguments: set by the runtime, never from fl.fl_algo
+_RUNTIME_KEYS = ("worker_index", "roles", "in_neighbours", "out_neighbours", "runtime", "round_idx",
+                 "sample_num", "persistent_storage", "client_num_per_round", "extra")
 
 
 @dataclasses.dataclass
 class RoundJob:
     """The work one process does in a round; the global weights travel once in it."""
 
-    round_idx: int
+    context: RoundContext
     blocks: List[Tuple[int, List[int]]]  # (block index, client ids ascending)
-    global_state: Dict[str, torch.Tensor]
-    client_states: Dict[int, Dict[str, Any]] = dataclasses.field(default_factory=dict)
+    global_state: Dict[str, Any]
+
+    @property
+    def round_idx(self) -> int:
+        return self.context.round_idx
 
 
 @dataclasses.dataclass
@@ -44,24 +62,70 @@ class ClientStats:
     loss_sum: float
     bytes_down: int
     bytes_up: int
+    metrics: Dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
 class JobResult:
-    """What a process sends back: one update per block, or every model."""
+    """What a process sends back: one update per block, every update, or every model."""
 
     block_updates: List[Tuple[int, WeightedUpdate]] = dataclasses.field(default_factory=list)
+    updates: List[Tuple[int, WeightedUpdate]] = dataclasses.field(default_factory=list)
     models: List[Tuple[int, int, Dict[str, torch.Tensor]]] = dataclasses.field(default_factory=list)
     stats: List[ClientStats] = dataclasses.field(default_factory=list)
-    client_states: Dict[int, Dict[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 class ClientError(RuntimeError):
     """A client's local work failed; names the round and the client."""
 
 
+def quiet_config(config: Dict[str, Any]) -> Dict[str, Any]:
+    """The config with the trainer's own progress bar off (the simulator has one)."""
+    import copy
+
+    config = copy.deepcopy(config)
+    train = config.setdefault("train", {})
+    section = train.setdefault("config", {"name": "dlrm_std"})
+    section["progress_bar"] = False
+    return config
+
+
+def build_partition(trainer: Any, fl: FLConfig):
+    partitioner = registry.construct("partitioner", fl.partitioner)
+    return partitioner.split(trainer.dataset.split("train"), fl.num_workers, fl.seed)
+
+
+def build_client_runner(config: Dict[str, Any], logdir: Path, config_path: Optional[str] = None,
+                        new_partition: bool = False) -> "ClientRunner":
+    """A process's trainer replica, data and partition (rank 0 and every MPI process).
+
+    Rank 0 splits the data (``new_partition``) and saves the split into ``logdir``; the
+    MPI processes load that file rather than splitting again.
+    """
+    from fedrec.federated.partition import ClientPartition
+    from fedrec.runner import build_trainer
+
+    fl = fl_config_from(config)
+    import_modules(fl.imports)  # user algorithms must be registered on every process
+    trainer = build_trainer(quiet_config(config), logdir=None, logger=None, config_path=config_path)
+    if new_partition:
+        partition = build_partition(trainer, fl)
+        partition.save(Path(logdir) / PARTITION_FILE)
+    else:
+        partition = ClientPartition.load(Path(logdir) / PARTITION_FILE)
+    return ClientRunner(config, fl, trainer, partition, aggregator_id=fl.num_workers, logdir=logdir)
+
+
+def algorithm_config(algorithm: type, fl_algo: Mapping[str, Any]) -> Dict[str, Any]:
+    """``fl.fl_algo``'s keys for ``algorithm``, checked: unknown keys and bad values are
+    config errors naming the key, before any round runs."""
+    values = {k: v for k, v in fl_algo.items() if k != "name"}
+    return registry.check_class_config(algorithm, values, f"fl.fl_algo {fl_algo.get('name')!r}",
+                                       reserved=_RUNTIME_KEYS)
+
+
 class ClientRunner:
-    """The per-process runtime of trainer workers (the ``runtime`` they call into)."""
+    """The per-process runtime of trainer workers (the ``Runtime`` they call into)."""
 
     def __init__(self, config: Dict[str, Any], fl: FLConfig, trainer: Any, partition: Any,
                  aggregator_id: int, logdir: Optional[Path] = None) -> None:
@@ -74,31 +138,55 @@ class ClientRunner:
         self.seed = fl.seed
         self.per_row_embeddings = fl.embedding_aggregation == "per_row"
         self.algorithm = registry.lookup("fl_algo", fl.fl_algo)
-        self.algorithm_kwargs = {k: v for k, v in fl.fl_algo.items() if k != "name"}
+        self.algorithm_kwargs = algorithm_config(self.algorithm, fl.fl_algo)
+        self.mode = self.algorithm.aggregation_mode()
         self.model = trainer.model
         # Live views of the replica's tensors (they share storage with the parameters).
         self.replica: Dict[str, torch.Tensor] = dict(self.model.state_dict())
         self.table_names = self._embedding_table_names()
         self.sparse_mode = fl.embedding_updates == "sparse"
         self.dense_names = [n for n in self.replica if not (self.sparse_mode and n in self.table_names)]
-        self._job: Optional[RoundJob] = None
-        self._touched: Dict[str, torch.Tensor] = {}
+        self.postprocessors = build_chain(fl.postprocessors)
+        self._check_mode()
+        from fedrec.federated.attacks import build_attack
+
+        self.attack = build_attack(fl.attack, fl.num_workers, fl.seed)
+        self.store = ClientStateStore(Path(logdir) / STATE_DIR) if logdir is not None else None
         self._make_optimizer = registry.prepare("optimizer", fl.optimizer_config)
+        try:  # bad local optimizer values (lr < 0, ...) fail here, not in the first client
+            self._make_optimizer(model=self.model)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"fl local optimizer {fl.optimizer_config}: {err}") from None
+        self._local_momentum = float(fl.optimizer_config.get("momentum", 0.0) or 0.0)
+        self._has_objective = self.algorithm.local_objective is not FederatedWorker.local_objective
         self._dense_bytes = sum(self.replica[n].numel() for n in self.dense_names) * fl.value_bytes
-        self._last_train: Optional[LocalTrainResult] = None
+
+    def _check_mode(self) -> None:
+        name = self.fl.fl_algo.get("name")
+        if self.mode == "models" and self.sparse_mode:
+            raise ConfigError(
+                f"fl.fl_algo {name!r} aggregates whole client models, which "
+                "fl.embedding_updates: sparse does not send (a client has only its rows); use "
+                "embedding_updates: dense, or an algorithm that aggregates updates "
+                "(linear_aggregation = True, or aggregation = 'updates')")
+        if self.mode == "models" and self.postprocessors:
+            raise ConfigError(f"fl.postprocessors transform client updates, but fl.fl_algo {name!r} "
+                              "aggregates whole models; drop fl.postprocessors or use an update-based algorithm")
 
     # -- the runtime protocol (what FederatedWorker calls) -----------------------------
     def get_model(self, worker: FederatedWorker) -> Dict[str, torch.Tensor]:
         return self.replica
 
     def update_model(self, worker: FederatedWorker, weights: Mapping[str, torch.Tensor]) -> None:
-        if self._job is not None and weights is self._job.global_state:
-            self._download(weights)
+        context: Optional[ClientContext] = worker.context
+        if context is not None and weights is context.start:
+            self._download(weights, context.touched_rows)
         else:
             self.model.load_state_dict(weights)
 
     async def request_models(self, worker: FederatedWorker, ids: Sequence[int]) -> List[Neighbour]:
-        if self._job is None:
+        context: Optional[ClientContext] = worker.context
+        if context is None:
             raise InvalidStateError("no round in progress")
         out = []
         for nid in ids:
@@ -108,20 +196,23 @@ class ClientRunner:
                     f"topology trainers only talk to the aggregator ({self.aggregator_id})"
                 )
             neighbour = worker.out_neighbours[nid]
-            neighbour.model = self._job.global_state
-            neighbour.last_sync = self._job.round_idx
+            neighbour.model = context.start
+            neighbour.last_sync = context.round.round_idx
             out.append(neighbour)
         return out
 
     def train(self, worker: FederatedWorker, model_dir: Optional[str] = None) -> LocalTrainResult:
+        context: ClientContext = worker.context
         cid = worker.worker_index
-        indices = self.partition.indices_of(cid)
-        fl = self.fl
+        worker.begin_local_training(context)
         optimizer = self._make_optimizer(model=self.model)
         seed = derive_seed(self.seed, worker.round_idx, cid)
-        loader = self.trainer.client_loader(indices, fl.local_batch_size, seed=seed)
-        total = train_locally(self.trainer, loader, optimizer, fl)
-        self._last_train = total
+        loader = self.trainer.client_loader(self.partition.indices_of(cid), self.fl.local_batch_size, seed=seed)
+        if self.attack is not None and self.attack.is_malicious(cid):
+            loader = self.attack.poison_data(loader)
+        objective = functools.partial(worker.local_objective, context=context) if self._has_objective else None
+        total = train_locally(self.trainer, loader, optimizer, self.fl, objective=objective)
+        context.train_result = total
         return total
 
     def test(self, worker: FederatedWorker) -> Dict[str, float]:
@@ -130,78 +221,115 @@ class ClientRunner:
     # -- running a job ------------------------------------------------------------------
     def run_job(self, job: RoundJob) -> JobResult:
         """Run every client of ``job``; sum each block's updates in client-id order."""
-        self._job = job
         result = JobResult()
-        linear = self.algorithm.linear_aggregation
-        try:
-            for block_index, clients in job.blocks:
-                block = WeightedUpdate()
-                for cid in clients:
-                    update, model = self._run_client(cid, job, result, linear)
-                    if linear:
-                        block.add_(update)
-                    else:
-                        result.models.append((cid, result.stats[-1].sample_num, model))
-                if linear:
-                    result.block_updates.append((block_index, block))
-        finally:
-            self._job = None
+        for block_index, clients in job.blocks:
+            block = WeightedUpdate()
+            for cid in clients:
+                upload = self._run_client(cid, job, result)
+                if self.mode == "sum":
+                    block.add_(upload)
+                elif self.mode == "updates":
+                    result.updates.append((cid, upload))
+                else:
+                    result.models.append((cid, result.stats[-1].sample_num, upload))
+            if self.mode == "sum":
+                result.block_updates.append((block_index, block))
         return result
 
-    def _run_client(self, cid: int, job: RoundJob, result: JobResult, linear: bool):
-        sample_num = int(self.partition.sizes[cid])
+    def client_context(self, cid: int, job: RoundJob) -> ClientContext:
+        """Client ``cid``'s view of the round, its stored state loaded."""
+        state, extra = self.store.get(cid, job.round_idx) if self.store is not None else ({}, {})
+        context = ClientContext(
+            round=job.context, client_id=cid, sample_num=int(self.partition.sizes[cid]), model=self.model,
+            weights=self.replica, start=job.global_state, dense_names=self.dense_names,
+            touched_rows=self._rows_of(cid) if self.sparse_mode else {}, local_lr=self.fl.local_lr,
+            local_momentum=self._local_momentum, state=state, extra=extra)
+        context.evaluate_loss = functools.partial(self._client_loss, cid)
+        context.rows_of_client = functools.partial(self._rows_of, cid)
+        return context
+
+    def _run_client(self, cid: int, job: RoundJob, result: JobResult) -> Any:
+        context = self.client_context(cid, job)
         worker = self.algorithm(
             worker_index=cid,
             roles=["trainer"],
             out_neighbours=NeighbourTable([self.aggregator_id]),
             runtime=self,
             round_idx=job.round_idx,
-            sample_num=sample_num,
+            sample_num=context.sample_num,
             persistent_storage=str(self.logdir / "workers" / str(cid)) if self.logdir else None,
             client_num_per_round=self.fl.client_num_per_round,
-            extra=job.client_states.get(cid),
+            extra=context.extra,
             **self.algorithm_kwargs,
         )
         worker.role = "trainer"
-        self._touched = self._rows_of(cid) if self.sparse_mode else {}
-        self._last_train = None
+        worker.context = context
         try:
             drive(worker.run())
+            upload, bytes_up = self._upload(worker, context)
+            self._save_state(worker, context)
         except Exception as err:
             raise ClientError(f"round {job.round_idx}, client {cid}: {type(err).__name__}: {err}") from err
-        train = self._last_train or LocalTrainResult(0, 0, 0.0)
-        weight = float(worker.sample_num)
-        update = model = None
-        if linear:
-            update = WeightedUpdate.from_client(self.replica, job.global_state, weight,
-                                                self.dense_names, self._touched)
-            bytes_up = update.nbytes(self.fl.value_bytes)
-        else:
-            model = {k: v.detach().clone() for k, v in self.replica.items()}
-            bytes_up = self._model_bytes()
-        if worker.extra:
-            result.client_states[cid] = dict(worker.extra)
+        finally:
+            worker.context = None
+        train = context.train_result or LocalTrainResult(0, 0, 0.0)
         result.stats.append(ClientStats(cid, int(worker.sample_num), train.num_samples, train.num_steps,
-                                        train.loss_sum, self._model_bytes(), bytes_up))
-        return update, model
+                                        train.loss_sum, self._download_bytes(context), bytes_up,
+                                        dict(context.metrics)))
+        return upload
+
+    def _upload(self, worker: FederatedWorker, context: ClientContext) -> Tuple[Any, int]:
+        """The client's upload after its attack (if malicious) and the postprocessors."""
+        if self.mode == "models":
+            model = {k: v.detach().clone() for k, v in self.replica.items()}
+            return model, self._download_bytes(context, with_values=False)
+        update = worker.client_update(context)
+        if self.attack is not None and self.attack.is_malicious(context.client_id):
+            update = self.attack.poison_update(update, context)
+        update = run_client_chain(self.postprocessors, update, context)
+        return update, update.nbytes(self.fl.value_bytes)
+
+    def _save_state(self, worker: FederatedWorker, context: ClientContext) -> None:
+        if context.new_state is None and worker.extra == context.extra:
+            return
+        if self.store is None:
+            raise InvalidStateError("client state needs a logdir (the state store lives there)")
+        tensors = context.new_state if context.new_state is not None else context.state
+        self.store.put(context.client_id, context.round.round_idx, tensors, worker.extra,
+                       context.round.checkpointed_round)
 
     # -- download and sparse rows ---------------------------------------------------------
-    def _download(self, global_state: Mapping[str, torch.Tensor]) -> None:
+    def _download(self, global_state: Mapping[str, torch.Tensor], touched: Mapping[str, torch.Tensor]) -> None:
         """Load the global weights into the replica: all of them, or in sparse mode the
         dense parameters and only the embedding rows this client will touch."""
         names = self.dense_names
         with torch.no_grad():
             torch._foreach_copy_([self.replica[n] for n in names], [global_state[n] for n in names])
-            for name, ids in self._touched.items():
+            for name, ids in touched.items():
                 self.replica[name].index_copy_(0, ids, gather_rows(global_state[name], ids))
 
-    def _model_bytes(self) -> int:
-        """Bytes of the model a client downloads (sparse mode: only its rows)."""
+    def _download_bytes(self, context: ClientContext, with_values: bool = True) -> int:
+        """Bytes a client downloads: the model (sparse mode: MLPs and its rows), plus the
+        server values it is sent (cut to its rows the same way)."""
         value = self.fl.value_bytes
-        dense = self._dense_bytes
-        dim_of = {n: self.replica[n].shape[1] for n in self._touched}
-        rows = sum(ids.numel() * (8 + dim_of[n] * value) for n, ids in self._touched.items())
-        return int(dense + rows)
+        touched = context.touched_rows
+        dim_of = {n: self.replica[n].shape[1] for n in touched}
+        rows = sum(ids.numel() * (8 + dim_of[n] * value) for n, ids in touched.items())
+        total = self._dense_bytes + rows
+        if with_values:
+            for name, tensor in context.round.server_values.items():
+                ids = touched.get(name)
+                total += (ids.numel() * dim_of[name] if ids is not None else tensor.numel()) * value
+        return int(total)
+
+    def _client_loss(self, cid: int) -> float:
+        """The mean loss of the current replica on client ``cid``'s data (no training)."""
+        loader = self.trainer.client_loader(self.partition.indices_of(cid), self.fl.local_batch_size, seed=0)
+        labels, probs = self.trainer.predict(loader)
+        if len(labels) == 0:
+            return 0.0
+        with torch.no_grad():
+            return float(self.model.loss(torch.from_numpy(np.asarray(probs)), torch.from_numpy(np.asarray(labels))))
 
     def _embedding_table_names(self) -> List[str]:
         tables = getattr(self.model, "sparse_tables", None)
@@ -223,9 +351,11 @@ class ClientRunner:
         return touched_rows(self.model, sparse)
 
 
-def train_locally(trainer: Any, loader: Any, optimizer: Any, fl: FLConfig) -> LocalTrainResult:
+def train_locally(trainer: Any, loader: Any, optimizer: Any, fl: FLConfig,
+                  objective: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> LocalTrainResult:
     """A client's local training: ``local_epochs`` passes over its data, or as many passes
-    as ``local_steps`` needs (the compute-floor benchmark runs exactly this too)."""
+    as ``local_steps`` needs (the compute-floor benchmark runs exactly this too).
+    ``objective`` maps each step's loss to what is minimised (the algorithm's hook)."""
     total = LocalTrainResult(0, 0, 0.0)
     epochs = itertools.count() if fl.local_steps is not None else range(fl.local_epochs or 1)
     for epoch in epochs:
@@ -233,7 +363,8 @@ def train_locally(trainer: Any, loader: Any, optimizer: Any, fl: FLConfig) -> Lo
         if remaining == 0:
             break
         loader.set_epoch(epoch)
-        result = trainer.local_train(loader, optimizer, max_steps=remaining)
+        result = (trainer.local_train(loader, optimizer, max_steps=remaining) if objective is None
+                  else trainer.local_train(loader, optimizer, max_steps=remaining, objective=objective))
         total = LocalTrainResult(total.num_samples + result.num_samples,
                                  total.num_steps + result.num_steps, total.loss_sum + result.loss_sum)
         if result.num_steps == 0:  # no data: more passes would not add steps

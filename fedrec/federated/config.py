@@ -23,6 +23,9 @@ class FLConfig(pydantic.BaseModel):
     local_lr: float = pydantic.Field(0.05, gt=0)
     local_optimizer: Optional[Dict[str, Any]] = None  # default: sgd at local_lr
     partitioner: Dict[str, Any] = {"name": "dirichlet", "alpha": 0.5}
+    sampler: Dict[str, Any] = {"name": "uniform"}  # uniform | poisson | weighted
+    postprocessors: List[Dict[str, Any]] = []  # e.g. [{name: l2_clip, bound: 1.0}]
+    attack: Optional[Dict[str, Any]] = None  # e.g. {name: sign_flip, fraction: 0.1}
     topology: Dict[str, Any] = {"name": "star"}
     eval_every_n_rounds: int = pydantic.Field(1, ge=1)
     num_eval_batches: Optional[int] = pydantic.Field(None, ge=1)

@@ -1,26 +1,46 @@
-"""Federated Averaging (McMahan et al. 2017) as the tutorial writes it, registered as ``fed_avg``."""
+"""Federated Averaging (McMahan et al. 2017) as the tutorial writes it, registered as
+``fed_avg``, and the adaptive server optimizers of Reddi et al. (2021) on top of it.
+
+FedAvg's server step is a ``ServerOptimizer`` over the mean client delta, so FedAvgM,
+FedAdam, FedYogi and FedAdagrad are FedAvg with another optimizer: ``fl_algo: {name:
+fed_avg, server_optimizer: {name: adam, lr: 0.01, bias_correction: false, eps: 0.001}}``,
+or the named presets below with the papers' hyper-parameter names.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Dict, Iterable, List
+from typing import Annotated, Any, Dict, List, Mapping, Optional
 
 import numpy as np
+import pydantic
 import torch
 
-from fedrec.federated_worker import FederatedWorker, InvalidStateError, NeighbourKey
+from fedrec.federated.samplers import UniformSampler
+from fedrec.federated.server_optimizer import DEFAULT as DEFAULT_SERVER_OPTIMIZER
+from fedrec.federated.server_optimizer import ServerOptimizer
+from fedrec.federated_worker import Cohort, FederatedWorker, InvalidStateError
 from fedrec.utilities import registry
-from fedrec.utilities.random_state import RandomContext, derive_seed
 
 log = logging.getLogger("fedrec")
+
+PositiveFloat = Annotated[float, pydantic.Field(gt=0)]
+UnitInterval = Annotated[float, pydantic.Field(ge=0, lt=1)]
 
 
 @registry.load("fl_algo", "fed_avg")
 class FedAvgWorker(FederatedWorker):
     """The aggregator averages the trainers' models weighted by their sample counts."""
 
-    # aggregate() is a sample-weighted mean, so the backend may pre-reduce the updates.
+    # aggregate() needs only the sample-weighted sum, so the backend may pre-reduce.
     linear_aggregation = True
+
+    def __init__(self, *args: Any, server_optimizer: Optional[Dict[str, Any]] = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.server_optimizer_config = dict(server_optimizer or DEFAULT_SERVER_OPTIMIZER)
+        self._server_optimizer: Optional[ServerOptimizer] = None
+        if "aggregator" in self.roles and self.runtime is not None:
+            self.server_optimizer  # noqa: B018  (built now: a bad config fails before round 1)
 
     async def run(self) -> None:
         """Aggregator: sample trainers, collect their models, average. Trainer: sync, train."""
@@ -41,61 +61,119 @@ class FedAvgWorker(FederatedWorker):
             await self.train(model_dir=self.persistent_storage)
         self.round_idx += 1
 
-    def aggregate(self, neighbour_ids: Iterable[NeighbourKey]) -> Dict[str, torch.Tensor]:
-        """The sample-weighted average of the neighbours' models.
+    def aggregate(self, neighbours: Cohort) -> Dict[str, torch.Tensor]:
+        """The global model after the server step on the cohort's mean delta.
 
         The backend has already summed ``n_i * (w_i - w_global)`` (in client-id order), so
-        the average is ``w_global + sum / sum(n_i)``: the same value as averaging every
-        model, computed with one model-sized buffer per process instead of one per client.
+        the mean is ``sum / sum(n_i)``: the same value as averaging every model, computed
+        with one model-sized buffer per process instead of one per client.
         """
-        update = self.reduced_update(neighbour_ids)
-        model = self.get_model()
-        update.apply_mean_(model, per_row=self.runtime.per_row_embeddings)
-        return model
+        self.server_step(self.reduced_update(neighbours), neighbours)
+        return self.get_model()
+
+    def server_step(self, update: Any, cohort: Cohort) -> None:
+        """Apply the (server-postprocessed) summed update with the server optimizer."""
+        self.server_optimizer.step(update, per_row=self.runtime.per_row_embeddings)
+
+    @property
+    def server_optimizer(self) -> ServerOptimizer:
+        if self._server_optimizer is None:
+            self._server_optimizer = ServerOptimizer(self.server_optimizer_config, self.get_model())
+        return self._server_optimizer
 
     def sample_neighbours(self, round_idx: int, client_num_per_round: int) -> List[int]:
-        """A uniform sample without replacement, the same for the same (seed, round)."""
-        candidates = list(self.in_neighbours)
-        if client_num_per_round <= 0 or client_num_per_round >= len(candidates):
-            return candidates
-        seed = derive_seed(self.runtime.seed if self.runtime is not None else 0, round_idx)
-        with RandomContext(seed):
-            selected = np.random.choice(candidates, client_num_per_round, replace=False)
+        """The configured sampler's cohort (``fl.sampler``; uniform without replacement by
+        default), the same for the same (seed, round)."""
+        runtime = self.runtime
+        sampler = getattr(runtime, "sampler", None) or UniformSampler()
+        seed = runtime.seed if runtime is not None else 0
+        table = self.in_neighbours
+        sizes = table.sample_nums() if hasattr(table, "sample_nums") else None
+        selected = sampler.sample(round_idx, list(table), client_num_per_round, seed, sizes=sizes)
         log.debug("round %d: worker_indexes = %s", round_idx, selected)
-        return sorted(int(i) for i in selected)
+        return selected
+
+    def state_dict(self) -> Dict[str, Any]:
+        state = super().state_dict()
+        if self._server_optimizer is not None:
+            state["server_optimizer"] = self._server_optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        if "server_optimizer" in state:
+            self.server_optimizer.load_state_dict(state["server_optimizer"])
+
+
+class _Preset(FedAvgWorker):
+    """A FedAvg whose server optimizer is set by the paper's hyper-parameters."""
+
+    def __init__(self, *args: Any, server_optimizer: Optional[Dict[str, Any]] = None, **kwargs: Any) -> None:
+        if server_optimizer is not None:
+            raise ValueError(f"{type(self).__name__} sets its own server optimizer; to choose one, "
+                             "use fl_algo: {name: fed_avg, server_optimizer: {...}}")
+        super().__init__(*args, server_optimizer=self.preset(), **kwargs)
+
+    def preset(self) -> Dict[str, Any]:
+        raise NotImplementedError
 
 
 @registry.load("fl_algo", "fed_avgm")
-class FedAvgMWorker(FedAvgWorker):
+class FedAvgMWorker(_Preset):
     """FedAvg with server momentum (Hsu et al. 2019): ``v = beta * v + mean_delta``,
-    ``w += server_lr * v``. Clients train exactly as in FedAvg; only the aggregator differs.
+    ``w += server_lr * v`` (server optimizer ``sgd`` with momentum).
 
     Config: ``fl_algo: {name: fed_avgm, server_lr: 1.0, server_momentum: 0.9}``. With
-    ``server_momentum: 0`` and ``server_lr: 1`` it is FedAvg. The momentum buffers live in
-    the aggregator's ``extra`` state, so checkpoints and ``--resume`` carry them.
+    ``server_momentum: 0`` and ``server_lr: 1`` it is FedAvg.
     """
 
-    def __init__(self, *args, server_lr: float = 1.0, server_momentum: float = 0.9, **kwargs) -> None:
+    def __init__(self, *args: Any, server_lr: PositiveFloat = 1.0, server_momentum: UnitInterval = 0.9,
+                 **kwargs: Any) -> None:
+        self.server_lr, self.server_momentum = float(server_lr), float(server_momentum)
         super().__init__(*args, **kwargs)
-        if server_lr <= 0 or not 0 <= server_momentum < 1:
-            raise ValueError(f"fed_avgm needs server_lr > 0 and 0 <= server_momentum < 1, "
-                             f"got {server_lr} and {server_momentum}")
-        self.server_lr = server_lr
-        self.server_momentum = server_momentum
 
-    def aggregate(self, neighbour_ids: Iterable[NeighbourKey]) -> Dict[str, torch.Tensor]:
-        model = self.get_model()
-        mean_delta = {name: torch.zeros_like(value) for name, value in model.items()}
-        self.reduced_update(neighbour_ids).apply_mean_(mean_delta, per_row=self.runtime.per_row_embeddings)
-        momentum = self.extra.setdefault("momentum", {})
-        with torch.no_grad():
-            for name, delta in mean_delta.items():
-                if not delta.is_floating_point():
-                    continue
-                buffer = momentum.get(name)
-                if buffer is None:
-                    buffer = momentum[name] = delta
-                else:
-                    buffer.mul_(self.server_momentum).add_(delta)
-                model[name].add_(buffer, alpha=self.server_lr)
-        return model
+    def preset(self) -> Dict[str, Any]:
+        return {"name": "sgd", "lr": self.server_lr, "momentum": self.server_momentum}
+
+
+class _AdaptivePreset(_Preset):
+    """Reddi et al. (2021): ``m = b1*m + (1-b1)*d``, ``v`` by the method,
+    ``w += server_lr * m / (sqrt(v) + tau)``, ``v`` starting at ``tau**2``."""
+
+    def __init__(self, *args: Any, server_lr: PositiveFloat = 0.01, beta1: UnitInterval = 0.9,
+                 beta2: UnitInterval = 0.99, tau: PositiveFloat = 1e-3, **kwargs: Any) -> None:
+        self.server_lr, self.beta1, self.beta2, self.tau = float(server_lr), float(beta1), float(beta2), float(tau)
+        super().__init__(*args, **kwargs)
+
+
+@registry.load("fl_algo", "fed_adam")
+class FedAdamWorker(_AdaptivePreset):
+    """FedAdam: server optimizer ``adam`` without bias correction, ``eps`` = tau."""
+
+    def preset(self) -> Dict[str, Any]:
+        return {"name": "adam", "lr": self.server_lr, "betas": [self.beta1, self.beta2], "eps": self.tau,
+                "bias_correction": False, "initial_accumulator_value": self.tau ** 2}
+
+
+@registry.load("fl_algo", "fed_yogi")
+class FedYogiWorker(_AdaptivePreset):
+    """FedYogi: server optimizer ``yogi`` (``v -= (1-b2) d^2 sign(v - d^2)``)."""
+
+    def preset(self) -> Dict[str, Any]:
+        return {"name": "yogi", "lr": self.server_lr, "betas": [self.beta1, self.beta2], "eps": self.tau,
+                "initial_accumulator_value": self.tau ** 2}
+
+
+@registry.load("fl_algo", "fed_adagrad")
+class FedAdagradWorker(_Preset):
+    """FedAdagrad: server optimizer ``adagrad`` (``v += d^2``, ``w += lr d / (sqrt(v) + tau)``;
+    no server momentum, i.e. the paper's beta1 = 0)."""
+
+    def __init__(self, *args: Any, server_lr: PositiveFloat = 0.01, tau: PositiveFloat = 1e-3,
+                 **kwargs: Any) -> None:
+        self.server_lr, self.tau = float(server_lr), float(tau)
+        super().__init__(*args, **kwargs)
+
+    def preset(self) -> Dict[str, Any]:
+        return {"name": "adagrad", "lr": self.server_lr, "eps": self.tau,
+                "initial_accumulator_value": self.tau ** 2}

@@ -45,6 +45,7 @@ import torch
 
 from fedrec.federated.backends import Backend, Block, assign_blocks
 from fedrec.federated.client_runner import ClientRunner, JobResult, RoundJob
+from fedrec.federated.context import RoundContext
 from fedrec.utilities.registry import RegistryError
 
 log = logging.getLogger("fedrec")
@@ -181,7 +182,7 @@ def _rank() -> int:
 def _init_worker(config: Dict[str, Any], logdir: str, config_path: Optional[str]) -> None:
     """Pool initializer: one replica, the data and the partition, once per process."""
     global _RUNNER
-    from fedrec.federated.simulation import build_client_runner
+    from fedrec.federated.client_runner import build_client_runner
 
     try:
         _RUNNER = build_client_runner(config, Path(logdir), config_path=config_path)
@@ -223,7 +224,9 @@ def _run_job(job: RoundJob, logdir: str, token: Optional[Tuple[int, int]], weigh
             comm.send(token, dest=0, tag=TAG_REQUEST)
             weights = _recv_packed(comm, 0, TAG_WEIGHTS)
         received = time.perf_counter()
-        job = dataclasses.replace(job, global_state=unpack(weights))
+        global_state, server_values = unpack(weights)
+        job = dataclasses.replace(job, global_state=global_state,
+                                  context=dataclasses.replace(job.context, server_values=server_values))
         try:
             result = _RUNNER.run_job(job)
         except Exception as err:  # re-raised on rank 0; the message names the round and client
@@ -296,7 +299,7 @@ class MPIBackend(Backend):
             raise MPIUnavailableError(
                 f"fl.backend 'mpi' needs mpi4py and an MPI library, which are not installed "
                 f"({err}): {INSTALL_HINT}; or use fl.backend: local") from None
-        from fedrec.federated.backends import launched_under_mpi_futures
+        from fedrec.federated.mpi_env import launched_under_mpi_futures
 
         self.MPI = MPI
         self.rows_for = rows_for  # sparse mode: the embedding rows a group of clients uses
@@ -331,14 +334,15 @@ class MPIBackend(Backend):
         num = int(num)
         return min(num, requested) if requested else num
 
-    def run_round(self, round_idx: int, blocks: List[Block], global_state: Dict[str, Any],
-                  client_states: Dict[int, Dict[str, Any]]) -> List[JobResult]:
+    def run_round(self, context: RoundContext, blocks: List[Block], global_state: Dict[str, Any]
+                  ) -> List[JobResult]:
+        round_idx = context.round_idx
         groups = [g for g in assign_blocks(blocks, self.sizes, self.processes) if g]
-        weights = self._weights_for(groups, global_state)
+        weights = self._weights_for(groups, global_state, context.server_values)
         futures = []
         for index, group in enumerate(groups):
-            states = {c: client_states[c] for _, ids in group for c in ids if c in client_states}
-            job = RoundJob(round_idx, group, {}, states)
+            # the tensors travel in the packed weights, not in the task
+            job = RoundJob(dataclasses.replace(context, server_values={}), group, {})
             if self.direct:
                 futures.append(self.executor.submit(_run_job, job, str(self.logdir), (round_idx, index), None))
             else:
@@ -362,15 +366,20 @@ class MPIBackend(Backend):
                                 f"{t['compute']:.3f}s, reply {t['send']:.3f}s" for t in timings))
         return results
 
-    def _weights_for(self, groups: List[List[Block]], global_state: Dict[str, Any]) -> List[Packed]:
-        """What each process downloads: the whole model, packed once per round, or in
-        sparse mode a submodel with the MLPs and only the rows its clients use."""
+    def _weights_for(self, groups: List[List[Block]], global_state: Dict[str, Any],
+                     server_values: Dict[str, Any]) -> List[Packed]:
+        """What each process downloads with the round's server values: the whole model,
+        packed once per round, or in sparse mode a submodel with the MLPs and only the
+        rows its clients use (table-shaped server values cut the same way)."""
         if self.rows_for is None:
-            return [pack(global_state)] * len(groups)
+            return [pack((global_state, server_values))] * len(groups)
         from fedrec.federated.update import submodel
 
-        return [pack(submodel(global_state, self.rows_for([c for _, ids in group for c in ids])))
-                for group in groups]
+        packed = []
+        for group in groups:
+            rows = self.rows_for([c for _, ids in group for c in ids])
+            packed.append(pack((submodel(global_state, rows), submodel(server_values, rows))))
+        return packed
 
     def _serve(self, futures: Sequence[Any], weights: List[Packed], round_idx: int) -> Dict[int, Packed]:
         """Rank 0 during a round: send the weights to each worker that asks, receive each

@@ -1,15 +1,16 @@
 """The round loop: sample, run clients (through a backend), aggregate, evaluate, checkpoint.
 
-The aggregator is a ``FederatedWorker`` like any other; this class is its runtime. When
-the aggregator asks its neighbours for models, the simulation hands the selected clients
-to the backend in fixed blocks and gives the algorithm either the pre-reduced update
-(linear algorithms) or every client's model.
+The aggregator is a ``FederatedWorker`` like any other; this class is its runtime
+(``AggregatorRuntime``). When the aggregator asks its neighbours for models, the
+simulation sends the round's context with the weights, hands the selected clients to the
+backend in fixed blocks, and returns a ``Cohort``: the pre-reduced update (through the
+server-side postprocessors), every update, or every model, as the algorithm declares.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
+import dataclasses
 import json
 import logging
 import math
@@ -21,52 +22,26 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fedrec.federated.backends import Backend, make_backend, make_blocks
-from fedrec.federated.client_runner import ClientRunner, ClientStats
-from fedrec.federated.config import FLConfig, fl_config_from, import_modules
+from fedrec.federated.backends import Backend, make_blocks
+from fedrec.federated.client_runner import PARTITION_FILE, ClientStats, build_client_runner  # noqa: F401
+from fedrec.federated.config import fl_config_from
+from fedrec.federated.context import RoundContext
+from fedrec.federated.launch import make_backend
+from fedrec.federated.postprocessors import chain_broadcast, run_server_chain
 from fedrec.federated.update import sum_updates
-from fedrec.federated_worker import FederatedWorker, InvalidStateError, Neighbour, NeighbourTable
+from fedrec.federated_worker import Cohort, FederatedWorker, InvalidStateError, Neighbour, NeighbourTable
 from fedrec.utilities import registry
+from fedrec.utilities.config import ConfigError
 from fedrec.utilities.logger import BaseLogger, NullLogger
 
 log = logging.getLogger("fedrec")
 
-PARTITION_FILE = "partition.npz"
 
+@dataclasses.dataclass
+class RoundRecord:
+    """What the backend reported for the round in progress (the metrics line's source)."""
 
-def _quiet_config(config: Dict[str, Any]) -> Dict[str, Any]:
-    """The config with the trainer's own progress bar off (the simulator has one)."""
-    config = copy.deepcopy(config)
-    train = config.setdefault("train", {})
-    section = train.setdefault("config", {"name": "dlrm_std"})
-    section["progress_bar"] = False
-    return config
-
-
-def build_partition(trainer: Any, fl: FLConfig):
-    partitioner = registry.construct("partitioner", fl.partitioner)
-    return partitioner.split(trainer.dataset.split("train"), fl.num_workers, fl.seed)
-
-
-def build_client_runner(config: Dict[str, Any], logdir: Path, config_path: Optional[str] = None,
-                        new_partition: bool = False) -> ClientRunner:
-    """A process's trainer replica, data and partition (rank 0 and every MPI worker).
-
-    Rank 0 splits the data (``new_partition``) and saves the split into ``logdir``; the
-    MPI worker processes load that file rather than splitting again.
-    """
-    from fedrec.federated.partition import ClientPartition
-    from fedrec.runner import build_trainer
-
-    fl = fl_config_from(config)
-    import_modules(fl.imports)  # user algorithms must be registered on every process
-    trainer = build_trainer(_quiet_config(config), logdir=None, logger=None, config_path=config_path)
-    if new_partition:
-        partition = build_partition(trainer, fl)
-        partition.save(Path(logdir) / PARTITION_FILE)
-    else:
-        partition = ClientPartition.load(Path(logdir) / PARTITION_FILE)
-    return ClientRunner(config, fl, trainer, partition, aggregator_id=fl.num_workers, logdir=logdir)
+    stats: List[ClientStats]
 
 
 class Simulation:
@@ -84,6 +59,7 @@ class Simulation:
         if self.fl.topology.get("name", "star") != "star":
             raise registry.RegistryError(
                 f"fl.topology {self.fl.topology.get('name')!r} is not supported; known: star")
+        self.sampler = registry.construct("sampler", self.fl.sampler)
 
         start = time.perf_counter()
         self.runner = build_client_runner(config, self.logdir, config_path, new_partition=True)
@@ -94,28 +70,32 @@ class Simulation:
                          f"{time.perf_counter() - start:.2f}s: {self.partition.describe(labels=labels)}")
         self.seed = self.fl.seed
         self.per_row_embeddings = self.runner.per_row_embeddings
+        self.postprocessors = self.runner.postprocessors
         self.global_state: Dict[str, torch.Tensor] = {
             k: v.detach().clone() for k, v in trainer.model.state_dict().items()
         }
         self.algorithm = self.runner.algorithm
-        self.aggregator: FederatedWorker = self.algorithm(
-            worker_index=self.fl.num_workers,
-            roles=["aggregator"],
-            in_neighbours=NeighbourTable(range(self.fl.num_workers), self.partition.sizes),
-            runtime=self,
-            client_num_per_round=self.fl.client_num_per_round,
-            persistent_storage=str(self.logdir / "aggregator"),
-            **self.runner.algorithm_kwargs,
-        )
+        try:  # the aggregator builds its server state now: bad values fail before round 1
+            self.aggregator: FederatedWorker = self.algorithm(
+                worker_index=self.fl.num_workers,
+                roles=["aggregator"],
+                in_neighbours=NeighbourTable(range(self.fl.num_workers), self.partition.sizes),
+                runtime=self,
+                client_num_per_round=self.fl.client_num_per_round,
+                persistent_storage=str(self.logdir / "aggregator"),
+                **self.runner.algorithm_kwargs,
+            )
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"fl.fl_algo {self.fl.fl_algo.get('name')!r}: {err}") from None
         self.aggregator.role = "aggregator"
-        self.client_states: Dict[int, Dict[str, Any]] = {}
         self.backend = backend or make_backend(self.fl.backend, self.runner, config, self.logdir,
                                                processes=self.fl.mpi_processes, config_path=config_path)
         from fedrec.utilities.checkpoint import CheckpointManager
 
         self.saver = CheckpointManager(self.logdir / "checkpoints", keep_last=self.fl.keep_checkpoints)
         self.round_idx = 0
-        self._round_stats: List[ClientStats] = []
+        self.checkpointed_round = 0
+        self.last_round = RoundRecord([])
         self._loop = asyncio.new_event_loop()
         self.history: List[Dict[str, Any]] = []
         self.totals = {"bytes_down": 0, "bytes_up": 0, "samples": 0, "clients": 0}
@@ -140,15 +120,18 @@ class Simulation:
         unknown = [i for i in ids if i not in worker.in_neighbours]
         if unknown:
             raise InvalidStateError(f"aggregator asked non-neighbours {unknown[:5]} for models")
+        context = RoundContext(self.round_idx, self.seed, server_values=worker.server_values(),
+                               postprocessor_values=chain_broadcast(self.postprocessors),
+                               checkpointed_round=self.checkpointed_round, cohort_size=len(ids))
         blocks = make_blocks(ids, self.fl.reduce_blocks)
-        results = self.backend.run_round(self.round_idx, blocks, self.global_state, self.client_states)
+        results = self.backend.run_round(context, blocks, self.global_state)
         stats = sorted((s for r in results for s in r.stats), key=lambda s: s.client_id)
-        for result in results:
-            self.client_states.update(result.client_states)
-        self._round_stats = stats
-        if self.algorithm.linear_aggregation:
-            updates = sorted((u for r in results for u in r.block_updates), key=lambda bu: bu[0])
-            worker._reduced = sum_updates(update for _, update in updates)
+        self.last_round = RoundRecord(stats)
+        reduced = None
+        if self.runner.mode == "sum":
+            block_updates = sorted((u for r in results for u in r.block_updates), key=lambda bu: bu[0])
+            reduced = run_server_chain(self.postprocessors, sum_updates(u for _, u in block_updates), context)
+        updates = {cid: update for r in results for cid, update in r.updates}
         models = {cid: (n, m) for r in results for cid, n, m in r.models}
         out = []
         for stat in stats:
@@ -158,7 +141,8 @@ class Simulation:
             if stat.client_id in models:
                 neighbour.model = models[stat.client_id][1]
             out.append(neighbour)
-        return out
+        expected = self.sampler.expected_cohort(len(worker.in_neighbours), self.fl.client_num_per_round)
+        return Cohort(out, reduced=reduced, updates=dict(sorted(updates.items())), expected_size=expected)
 
     def train(self, worker: FederatedWorker, model_dir: Optional[str] = None):
         raise InvalidStateError("the aggregator does not train in a star topology")
@@ -178,12 +162,11 @@ class Simulation:
     def run_round(self) -> Dict[str, Any]:
         start = time.perf_counter()
         self.aggregator.round_idx = self.round_idx
-        self.aggregator._reduced = None
+        self.last_round = RoundRecord([])
         self._loop.run_until_complete(self.aggregator.run())
         self.aggregator.in_neighbours.release_models()  # type: ignore[attr-defined]
-        self.aggregator._reduced = None
         seconds = time.perf_counter() - start
-        stats = self._round_stats
+        stats = self.last_round.stats
         samples = sum(s.num_samples for s in stats)
         row: Dict[str, Any] = {
             "round": self.round_idx + 1,  # rounds completed, 1-based
@@ -194,6 +177,9 @@ class Simulation:
             "bytes_down": sum(s.bytes_down for s in stats),
             "bytes_up": sum(s.bytes_up for s in stats),
         }
+        for stat in stats:  # what the algorithm's hooks and the postprocessors counted
+            for key, value in stat.metrics.items():
+                row[key] = row.get(key, 0.0) + value
         for key in ("bytes_down", "bytes_up", "samples", "clients"):
             self.totals[key] += row[key]
         if (self.round_idx + 1) % self.fl.eval_every_n_rounds == 0 or self.round_idx + 1 == self.fl.num_rounds:
@@ -223,16 +209,19 @@ class Simulation:
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
+        """The run's state at a round boundary (per-client state lives in the state store,
+        whose versions make it consistent with this checkpoint)."""
         return {
             "global": self.global_state,
             "round": self.round_idx,
-            "aggregator_extra": dict(self.aggregator.extra),
-            "client_states": {int(k): v for k, v in self.client_states.items()},
+            "aggregator": self.aggregator.state_dict(),
+            "postprocessors": [p.state_dict() for p in self.postprocessors],
             "totals": dict(self.totals),
         }
 
     def save_checkpoint(self) -> None:
         self.saver.save(self.round_idx, self.state_dict())
+        self.checkpointed_round = self.round_idx
 
     def resume(self) -> bool:
         path = self.saver.latest()
@@ -242,9 +231,10 @@ class Simulation:
 
         state = CheckpointManager.load(path)
         self.update_model(self.aggregator, state["global"])
-        self.round_idx = int(state["round"])
-        self.aggregator.extra = dict(state["aggregator_extra"])
-        self.client_states = {int(k): v for k, v in state["client_states"].items()}
+        self.round_idx = self.checkpointed_round = int(state["round"])
+        self.aggregator.load_state_dict(state.get("aggregator", {"extra": state.get("aggregator_extra", {})}))
+        for postprocessor, saved in zip(self.postprocessors, state.get("postprocessors", [])):
+            postprocessor.load_state_dict(saved)
         self.totals = dict(state["totals"])
         self.logger.info(f"resumed from {path} at round {self.round_idx}")
         return True

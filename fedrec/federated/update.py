@@ -88,12 +88,20 @@ class RowUpdate:
 
 @dataclasses.dataclass
 class WeightedUpdate:
-    """``sum_i w_i * delta_i`` over some clients, with ``sum_i w_i`` and their count."""
+    """``sum_i w_i * delta_i`` over some clients, with ``sum_i w_i`` and their count.
+
+    ``aux`` holds further named sums an algorithm's clients upload beside the model delta
+    (SCAFFOLD's control-variate deltas), and ``scalars`` named numbers summed the same
+    way (FedNova's ``n_i * tau_i``, q-FFL's ``h_i``): both add with the update, so linear
+    algorithms keep per-process pre-reduction whatever they upload.
+    """
 
     dense: Dict[str, Tensor] = dataclasses.field(default_factory=dict)
     rows: Dict[str, RowUpdate] = dataclasses.field(default_factory=dict)
     weight: float = 0.0
     num_clients: int = 0
+    aux: Dict[str, "WeightedUpdate"] = dataclasses.field(default_factory=dict)
+    scalars: Dict[str, float] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_client(cls, trained: Mapping[str, Tensor], base: Mapping[str, "Tensor | RowSubset"], weight: float,
@@ -115,18 +123,60 @@ class WeightedUpdate:
         if not self.num_clients:
             self.dense = {k: v.clone() for k, v in other.dense.items()}
             self.rows = dict(other.rows)
+            self.aux = {k: WeightedUpdate().add_(v) for k, v in other.aux.items()}
+            self.scalars = dict(other.scalars)
         else:
-            if set(self.dense) != set(other.dense) or set(self.rows) != set(other.rows):
+            if (set(self.dense) != set(other.dense) or set(self.rows) != set(other.rows)
+                    or set(self.aux) != set(other.aux) or set(self.scalars) != set(other.scalars)):
                 raise ValueError("cannot add updates over different parameters")
             names = list(self.dense)
             torch._foreach_add_([self.dense[n] for n in names], [other.dense[n] for n in names])
             for name, row in other.rows.items():
                 self.rows[name] = self.rows[name] + row
+            for name, aux in other.aux.items():
+                self.aux[name].add_(aux)
+            for name, value in other.scalars.items():
+                self.scalars[name] += value
         self.weight += other.weight
         self.num_clients += other.num_clients
         return self
 
-    def apply_mean_(self, state: Mapping[str, Tensor], per_row: bool = False) -> None:
+    def mean_delta(self, like: Mapping[str, Tensor], per_row: bool = False,
+                   denominator: Optional[float] = None) -> Dict[str, Tensor]:
+        """The mean delta as full tensors shaped like ``like`` (rows scattered into zeros).
+
+        This is the server's pseudo-gradient (negated). ``denominator`` replaces the summed
+        client weight (DP divides by the expected cohort size, not the sampled one).
+        """
+        out = {name: torch.zeros_like(value) for name, value in like.items()}
+        self.apply_mean_(out, per_row=per_row, denominator=denominator)
+        return out
+
+    def sq_norm(self) -> float:
+        """Squared L2 norm of the summed values (model delta only, not ``aux``)."""
+        total = sum(float(t.double().pow(2).sum()) for t in self.dense.values())
+        return total + sum(float(r.values.double().pow(2).sum()) for r in self.rows.values())
+
+    def scale_(self, factor: float) -> "WeightedUpdate":
+        """Multiply the summed values (not the weights) by ``factor`` in place."""
+        if self.dense:
+            torch._foreach_mul_(list(self.dense.values()), float(factor))
+        for name, row in self.rows.items():
+            self.rows[name] = RowUpdate(row.ids, row.values * float(factor), row.row_weight)
+        return self
+
+    def unweighted(self) -> "WeightedUpdate":
+        """A one-client update's plain delta (values divided by its weight)."""
+        if self.num_clients != 1:
+            raise ValueError(f"unweighted() is for one client's update, this one sums {self.num_clients}")
+        factor = 1.0 / self.weight if self.weight else 0.0
+        out = WeightedUpdate({k: v * factor for k, v in self.dense.items()},
+                             {k: RowUpdate(r.ids, r.values * factor, r.row_weight) for k, r in self.rows.items()},
+                             self.weight, 1)
+        return out
+
+    def apply_mean_(self, state: Mapping[str, Tensor], per_row: bool = False,
+                    denominator: Optional[float] = None) -> None:
         """``state += sum / weight`` in place.
 
         Rows divide by the total client weight (``dense_equivalent``: untouched rows count
@@ -135,18 +185,20 @@ class WeightedUpdate:
         """
         if not self.num_clients:
             return
+        weight = self.weight if denominator is None else denominator
         for name, total in self.dense.items():
-            state[name].add_(total / self.weight)
+            state[name].add_(total / weight)
         for name, row in self.rows.items():
             if per_row:
                 mean = row.values / row.row_weight.to(row.values.dtype).unsqueeze(1)
             else:
-                mean = row.values / self.weight
+                mean = row.values / weight
             state[name].index_add_(0, row.ids, mean)
 
     def nbytes(self, value_bytes: int = 4) -> int:
         dense = sum(int(t.numel()) for t in self.dense.values()) * value_bytes
-        return dense + sum(r.nbytes(value_bytes) for r in self.rows.values())
+        own = dense + sum(r.nbytes(value_bytes) for r in self.rows.values())
+        return own + sum(a.nbytes(value_bytes) for a in self.aux.values()) + len(self.scalars) * value_bytes
 
 
 def sum_updates(updates: Iterable[WeightedUpdate]) -> WeightedUpdate:

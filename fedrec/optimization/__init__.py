@@ -1,7 +1,7 @@
 """fedrec.optimization: the ``optimizer`` and ``lr_scheduler`` registry kinds.
 
 Importing this package registers the built-in optimizers (``sgd``, ``adagrad``,
-``rowwise_adagrad``, ``adam``, ``sparse_adam``, ``split``) and LR schedulers (``noop``,
+``rowwise_adagrad``, ``adam``, ``yogi``, ``sparse_adam``, ``split``) and LR schedulers (``noop``,
 ``step``, ``cosine``, ``dlrm``)::
 
     opt = registry.construct("optimizer", cfg["train"]["optimizer"], model=model)

@@ -42,7 +42,7 @@ __all__ = [
 # Optimizers that accept sparse (COO) gradients, hence may take sparse embedding tables.
 SPARSE_OPTIMIZERS = ("sparse_adam", "rowwise_adagrad", "adagrad", "sgd")
 # Optimizers usable for the dense part of a split (everything but the sparse-only one).
-DENSE_OPTIMIZERS = ("sgd", "adam", "adagrad", "rowwise_adagrad")
+DENSE_OPTIMIZERS = ("sgd", "adam", "adagrad", "rowwise_adagrad", "yogi")
 
 _EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
 
@@ -403,10 +403,37 @@ def rowwise_adagrad(model: Any, lr: float, eps: float = 1e-8,
 
 @registry.load("optimizer", "adam")
 def adam(model: Any, lr: float, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-         weight_decay: float = 0.0, amsgrad: bool = False) -> torch.optim.Optimizer:
-    """Adam (dense gradients only: use ``split`` for models with sparse embeddings)."""
+         weight_decay: float = 0.0, amsgrad: bool = False, bias_correction: bool = True,
+         initial_accumulator_value: float = 0.0) -> torch.optim.Optimizer:
+    """Adam (dense gradients only: use ``split`` for models with sparse embeddings).
+
+    ``bias_correction: false`` is Adam as FedAdam's server optimizer (Reddi et al. 2021):
+    no bias correction, ``eps`` the paper's tau, ``v`` starting at
+    ``initial_accumulator_value``.
+    """
+    if not bias_correction:
+        if weight_decay or amsgrad:
+            raise ValueError("adam with bias_correction: false takes no weight_decay or amsgrad")
+        from fedrec.optimization.adaptive import ReddiAdaptive
+
+        return ReddiAdaptive(_as_params(model), lr=lr, betas=tuple(betas), eps=eps,
+                             initial_accumulator_value=initial_accumulator_value, method="adam")
+    if initial_accumulator_value:
+        raise ValueError("adam: initial_accumulator_value needs bias_correction: false")
     return torch.optim.Adam(_as_params(model), lr=lr, betas=tuple(betas), eps=eps,
                             weight_decay=weight_decay, amsgrad=amsgrad)
+
+
+@registry.load("optimizer", "yogi")
+def yogi(model: Any, lr: float, betas: Tuple[float, float] = (0.9, 0.99), eps: float = 1e-3,
+         initial_accumulator_value: float = 1e-6, bias_correction: bool = False) -> torch.optim.Optimizer:
+    """Yogi (Zaheer et al. 2018) as FedYogi's server optimizer (Reddi et al. 2021):
+    ``v -= (1 - b2) * g^2 * sign(v - g^2)``; dense gradients only."""
+    from fedrec.optimization.adaptive import ReddiAdaptive
+
+    return ReddiAdaptive(_as_params(model), lr=lr, betas=tuple(betas), eps=eps,
+                         initial_accumulator_value=initial_accumulator_value,
+                         bias_correction=bias_correction, method="yogi")
 
 
 @registry.load("optimizer", "sparse_adam")

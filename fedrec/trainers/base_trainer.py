@@ -169,16 +169,19 @@ class BaseTrainer(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} does not implement validate()")
 
     @abc.abstractmethod
-    def train_step(self, batch: Any, optimizer) -> tuple[torch.Tensor, int]:
-        """One optimizer step on ``batch``: returns (summed loss as a tensor, batch size)."""
+    def train_step(self, batch: Any, optimizer, objective=None) -> tuple[torch.Tensor, int]:
+        """One optimizer step on ``batch``: returns (summed loss as a tensor, batch size).
+        With ``objective``, back-propagate ``objective(loss)`` instead of ``loss``."""
 
     # -- shared machinery ----------------------------------------------------------------
     def local_train(self, batches: Iterable[Any], optimizer=None,
-                    max_steps: Optional[int] = None) -> LocalTrainResult:
+                    max_steps: Optional[int] = None, objective=None) -> LocalTrainResult:
         """Train the model on ``batches`` (a federated client's local update).
 
         No scheduler, no evaluation, no logging: the tight loop a simulator repeats for
-        every client with freshly loaded weights.
+        every client with freshly loaded weights. ``objective`` (an FL algorithm's local
+        objective hook) maps each step's loss to the value minimised; the reported loss
+        stays the model's own.
         """
         optimizer = optimizer or self.optimizer
         self.model.train()
@@ -188,7 +191,8 @@ class BaseTrainer(abc.ABC):
         for batch in batches:
             if max_steps is not None and steps >= max_steps:
                 break
-            loss, n = self.train_step(batch, optimizer)
+            loss, n = (self.train_step(batch, optimizer) if objective is None
+                       else self.train_step(batch, optimizer, objective=objective))
             loss_sum += loss.detach()
             steps += 1
             samples += n

@@ -120,7 +120,7 @@ class DLRMTrainer(BaseTrainer):
                            shuffle=shuffle, seed=seed)
 
     # -- steps ---------------------------------------------------------------------------
-    def train_step(self, batch, optimizer) -> tuple[torch.Tensor, int]:
+    def train_step(self, batch, optimizer, objective=None) -> tuple[torch.Tensor, int]:
         if self.device.type != "cpu":
             batch = batch.to(self.device, non_blocking=self.train_config.pin_memory)
         probs = self.model(batch.dense, batch.sparse)
@@ -130,7 +130,7 @@ class DLRMTrainer(BaseTrainer):
         # way); measured ~5% faster per step on the demo and reference models
         # (benchmarks/train_throughput.py).
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if objective is None else objective(loss)).backward()
         optimizer.step()
         n = int(batch.label.shape[0])
         return loss.detach() * n, n

@@ -169,6 +169,49 @@ def _checked_values(obj: Any, values: Mapping[str, Any], label: str,
     return {**values, **_validate_types(obj, values, label)}
 
 
+def check_class_config(cls: type, values: Mapping[str, Any], label: str,
+                       reserved: Iterable[str] = ()) -> Dict[str, Any]:
+    """Config ``values`` for a class whose ``__init__``s pass ``**kwargs`` up the MRO
+    (FL algorithms): the keys any of them names are accepted, others refused with the
+    known keys, and each value is checked against the hint of the class that names it.
+    ``reserved`` keys (set from code, not YAML) are refused too."""
+    names: Dict[str, Any] = {}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is object:
+            continue
+        try:
+            hints = typing.get_type_hints(init, include_extras=True)
+        except Exception:
+            hints = {}
+        params = inspect.signature(init).parameters.values()
+        for p in params:
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self":
+                names.setdefault(p.name, hints.get(p.name, Any))
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    reserved = set(reserved)
+    allowed = sorted(set(names) - reserved)
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise RegistryError(f"{label} does not take config key(s) {unknown}; it takes: {allowed}")
+    out = {}
+    for key, value in values.items():
+        hint = names[key]
+        if hint is Any:
+            out[key] = value
+            continue
+        try:
+            out[key] = _adapter(hint).validate_python(value)
+        except pydantic.ValidationError as err:
+            detail = err.errors()[0].get("msg", str(err))
+            raise ConfigTypeError(
+                f"{label}: config key {key!r} expects {_type_name(hint)}, got {value!r} ({detail})") from None
+        except pydantic.PydanticSchemaGenerationError:
+            out[key] = value
+    return out
+
+
 def validate_model(model: type, values: Mapping[str, Any], label: str) -> Any:
     """Build a pydantic config class, turning its errors into one message per bad key."""
     try:
@@ -192,7 +235,7 @@ def _validate_types(obj: Any, values: Mapping[str, Any], label: str) -> Dict[str
     """
     target = obj.__init__ if inspect.isclass(obj) else obj
     try:
-        hints = typing.get_type_hints(target)
+        hints = typing.get_type_hints(target, include_extras=True)
     except Exception:  # unresolvable annotations: nothing to check against
         return {}
     out: Dict[str, Any] = {}
@@ -218,6 +261,18 @@ def _adapter(hint: Any) -> "pydantic.TypeAdapter[Any]":
 
 
 def _type_name(hint: Any) -> str:
+    """A readable type: ``Optional[float]``, ``list[int]``; Annotated constraints are left
+    to pydantic's message."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Annotated:
+        return _type_name(args[0])
+    if origin is typing.Union:
+        rest = [a for a in args if a is not type(None)]
+        inner = " | ".join(_type_name(a) for a in rest)
+        return f"Optional[{inner}]" if len(rest) < len(args) else inner
+    if origin is not None:
+        name = getattr(origin, "__name__", str(origin))
+        return f"{name}[{', '.join(_type_name(a) for a in args)}]" if args else name
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 

@@ -1,0 +1,109 @@
+"""Per-client state that outlives a round (SCAFFOLD's control variates, ``worker.extra``).
+
+100,000 clients with model-sized state fit neither in rank 0's memory nor in every job,
+so the state lives on disk under ``<logdir>/client_state/``, one safetensors file per
+client and version, written atomically by whichever process ran the client (MPI ranks
+share the logdir's file system, as they share the data). Nothing of it is held in rank 0
+or shipped with a job. Per-row state (an embedding table's rows) is stored as the rows'
+ids and values, so a client's file is the size of what it touched.
+
+Versions make resume exact: a client that runs in round ``r`` writes ``r<r>.safetensors``
+and reads the newest version older than ``r``. A run killed mid-round leaves versions
+that the resumed run either ignores (they are not older than the round it reads for) or
+overwrites with the same values, since cohorts depend on (seed, round) only. A version is
+pruned once a newer one exists and a checkpoint no longer needs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+STATE_DIR = "client_state"
+_VERSION_RE = re.compile(r"^r(\d{6,})\.safetensors$")
+_EXTRA_KEY = "fedrec_extra"
+
+
+class ClientStateStore:
+    """Versioned per-client tensors (and JSON-safe extras) in a sharded folder."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def _client_dir(self, client_id: int) -> Path:
+        return self.root / f"{client_id // 1000:05d}" / str(client_id)
+
+    def _versions(self, client_id: int) -> List[Tuple[int, Path]]:
+        folder = self._client_dir(client_id)
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            return []
+        found = []
+        for name in names:
+            match = _VERSION_RE.match(name)
+            if match:
+                found.append((int(match.group(1)), folder / name))
+        return sorted(found)
+
+    def get(self, client_id: int, round_idx: int) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
+        """The client's newest state written before round ``round_idx``: (tensors, extra)."""
+        older = [path for version, path in self._versions(client_id) if version < round_idx]
+        if not older:
+            return {}, {}
+        from safetensors import safe_open
+
+        tensors: Dict[str, Tensor] = {}
+        with safe_open(str(older[-1]), framework="pt") as handle:
+            extra = json.loads((handle.metadata() or {}).get(_EXTRA_KEY, "{}"))
+            for key in handle.keys():
+                tensors[key] = handle.get_tensor(key)
+        return tensors, extra
+
+    def put(self, client_id: int, round_idx: int, tensors: Mapping[str, Tensor],
+            extra: Optional[Mapping[str, Any]] = None, checkpointed_round: int = 0) -> int:
+        """Write the client's state after round ``round_idx``; returns the bytes written.
+
+        Older versions are removed except the newest one before ``checkpointed_round``
+        (what a resume from the newest checkpoint would read).
+        """
+        from safetensors.torch import save_file
+
+        folder = self._client_dir(client_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"r{round_idx:06d}.safetensors"
+        tmp = folder / f".{path.name}.tmp-{os.getpid()}"
+        plain = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+        save_file(plain, str(tmp), metadata={_EXTRA_KEY: json.dumps(dict(extra or {}))})
+        os.replace(tmp, path)
+        self._prune(client_id, round_idx, checkpointed_round)
+        return path.stat().st_size
+
+    def _prune(self, client_id: int, newest: int, checkpointed_round: int) -> None:
+        versions = [(v, p) for v, p in self._versions(client_id) if v < newest]
+        needed = [v for v, _ in versions if v < checkpointed_round]
+        keep = max(needed) if needed else None
+        for version, path in versions:
+            if version != keep:
+                path.unlink(missing_ok=True)
+
+    def nbytes(self) -> int:
+        """Bytes on disk (for reports; walks the folder)."""
+        return sum(p.stat().st_size for p in self.root.rglob("r*.safetensors")) if self.root.exists() else 0
+
+
+def split_rows(name: str, ids: Tensor, values: Tensor) -> Dict[str, Tensor]:
+    """Per-row state of table ``name`` as two plain tensors (safetensors keys)."""
+    return {f"{name}@ids": ids, f"{name}@rows": values}
+
+
+def rows_of(state: Mapping[str, Tensor], name: str) -> Optional[Tuple[Tensor, Tensor]]:
+    """``(ids, values)`` stored by :func:`split_rows`, or None."""
+    ids = state.get(f"{name}@ids")
+    return None if ids is None else (ids, state[f"{name}@rows"])
