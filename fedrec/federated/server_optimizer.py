@@ -30,7 +30,10 @@ class ServerOptimizer:
     def __init__(self, config: Mapping[str, Any], global_state: Mapping[str, Tensor]) -> None:
         self.config = dict(config)
         self.params: Dict[str, Tensor] = {n: t for n, t in global_state.items() if t.is_floating_point()}
-        self.optimizer = registry.construct("optimizer", self.config, model=list(self.params.values()))
+        try:
+            self.optimizer = registry.construct("optimizer", self.config, model=list(self.params.values()))
+        except (ValueError, TypeError) as err:  # torch's own checks (lr < 0, ...)
+            raise ValueError(f"server_optimizer {self.config}: {err}") from None
         group = self.optimizer.param_groups[0]
         self._plain_sgd = (isinstance(self.optimizer, torch.optim.SGD) and not group.get("momentum")
                            and not group.get("weight_decay"))
