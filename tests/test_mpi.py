@@ -287,3 +287,23 @@ def test_killed_worker_stops_the_run_and_resume_finishes_it_identically(referenc
              for line in report if "round 1 (0-based)" in line]
     assert any(killed_client in clients for clients in named), report
     assert_same_run(reference["logdir"], logdir)
+
+
+@needs_mpi
+@pytest.mark.parametrize("fl_algo, mode, processes", [
+    ({"name": "scaffold"}, "sparse", 3),
+    ({"name": "scaffold"}, "dense", 2),
+    ({"name": "fed_adam", "server_lr": 0.01}, "dense", 3),
+])
+def test_server_values_client_state_and_server_optimizers_under_mpi(synthetic_data, tmp_path, fl_algo, mode,
+                                                                    processes):
+    """SCAFFOLD's broadcast c (cut to rows in sparse mode), its per-client state written
+    by the MPI processes, and an adaptive server optimizer give the local result."""
+    from fedrec.federated.run import run_simulation
+
+    config = _config(synthetic_data["config"], backend="local", num_rounds=3, fl_algo=fl_algo,
+                     embedding_updates=mode, client_num_per_round=12)
+    run_simulation(config, tmp_path / "local", print_rounds=False)
+    config["fl"]["backend"] = "mpi"
+    simulate(config, tmp_path / "mpi", processes=processes)
+    assert_same_run(tmp_path / "local", tmp_path / "mpi")
