@@ -18,9 +18,13 @@ import abc
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, MutableMapping, Optional, Sequence, Union
+from typing import (TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Mapping, MutableMapping, Optional,
+                    Sequence, Union)
 
 import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fedrec.federated.context import ClientContext, Runtime
 
 ROLES = ("aggregator", "trainer")
 
@@ -198,7 +202,7 @@ class FederatedWorker(abc.ABC):
         roles: Sequence[str],
         in_neighbours: Optional[MutableMapping[int, Neighbour]] = None,
         out_neighbours: Optional[MutableMapping[int, Neighbour]] = None,
-        runtime: Any = None,
+        runtime: Optional["Runtime"] = None,
         round_idx: int = 0,
         sample_num: int = 0,
         persistent_storage: Optional[str] = None,
@@ -220,7 +224,7 @@ class FederatedWorker(abc.ABC):
         self.extra: Dict[str, Any] = dict(extra or {})
         self.role: str = self.roles[0] if self.roles else ""
         #: a trainer's ``ClientContext`` while it runs (set by the runtime)
-        self.context: Any = None
+        self.context: Optional["ClientContext"] = None
 
     # -- what an algorithm implements ----------------------------------------------------
     @abc.abstractmethod
@@ -268,14 +272,14 @@ class FederatedWorker(abc.ABC):
         return reduced
 
     # -- client hooks (trainer role; defaults are FedAvg's) ------------------------------
-    def begin_local_training(self, context: Any) -> None:
+    def begin_local_training(self, context: "ClientContext") -> None:
         """Called with the downloaded weights loaded, before local training."""
 
-    def local_objective(self, loss: torch.Tensor, context: Any) -> torch.Tensor:
+    def local_objective(self, loss: torch.Tensor, context: "ClientContext") -> torch.Tensor:
         """The loss local training minimises; default: the model's own loss."""
         return loss
 
-    def client_update(self, context: Any) -> Any:
+    def client_update(self, context: "ClientContext") -> Any:
         """What this client uploads after training: its delta weighted by its data size."""
         return context.model_delta(weight=float(self.sample_num))
 
@@ -315,7 +319,7 @@ class FederatedWorker(abc.ABC):
         )
 
     @classmethod
-    def load_worker(cls, state: WorkerState, runtime: Any = None, **kwargs: Any) -> "FederatedWorker":
+    def load_worker(cls, state: WorkerState, runtime: Optional["Runtime"] = None, **kwargs: Any) -> "FederatedWorker":
         return cls(
             worker_index=state.worker_index,
             roles=state.roles,
