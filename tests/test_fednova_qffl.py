@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 import pytest
@@ -291,7 +290,7 @@ def test_fednova_client_normalises_by_its_real_steps_and_momentum(config, tmp_pa
     finally:
         sim.close()
     steps = set()
-    for (cid, upload, stat), (_, plain, _) in zip(nova, avg):
+    for (_, upload, stat), (_, plain, _) in zip(nova, avg):
         a = numpy_normaliser(stat.num_steps, 0.5)
         assert stat.num_steps > 0 and upload.weight == stat.sample_num
         assert upload.scalars[NORMALISED_STEPS] == pytest.approx(stat.sample_num * a, rel=1e-12)
@@ -317,7 +316,7 @@ def test_qfedavg_client_measures_its_loss_at_the_global_model(config, tmp_path):
     finally:
         sim.close()
     L = 1.0 / config["fl"]["local_lr"]
-    for (cid, upload, stat), (_, plain, _), F in zip(qffl, avg, losses):
+    for (_, upload, stat), (_, plain, _), F in zip(qffl, avg, losses):
         assert upload.weight == 1.0
         scale = F ** q * L / stat.sample_num  # F^q L (w_k - w) against n (w_k - w)
         for name, value in plain.dense.items():

@@ -5,7 +5,7 @@ With FedAvg, a client that takes more local steps moves the global model further
 server converges to a mix of the clients' optima weighted by their step counts, not the
 true objective. FedNova divides each client's delta by its normaliser ``a_i`` (the l1
 norm of the weights its local steps carry) and moves by the effective step count instead
-(the paper's generalised update rule with ``w_i = p_i``):
+(the paper's generalised update rule, its aggregation weights set to ``p_i``):
 
     d_i      = (w_i - w) / a_i                         (normalised delta)
     tau_eff  = sum_i p_i a_i,      p_i = n_i / sum_j n_j
@@ -13,9 +13,10 @@ norm of the weights its local steps carry) and moves by the effective step count
 
 ``a_i = tau_i`` for plain local SGD and, with heavy-ball momentum ``rho`` (torch's SGD,
 no dampening, no Nesterov), ``a_i = (tau_i - rho (1 - rho^tau_i) / (1 - rho)) / (1 - rho)``
-(the paper's momentum case; the authors' code accumulates the same sum step by step). The local lr cancels: it is in both ``d_i`` and the server step. With equal
-``tau_i`` the step is FedAvg's. Other local optimizers (adam, ...) have no such ``a_i``:
-the formula for SGD is then only a heuristic.
+(the paper's momentum case; the authors' code accumulates the same sum step by step).
+The local lr cancels: it is in both ``d_i`` and the server step. With equal ``tau_i``
+the step is FedAvg's. Other local optimizers (adam, ...) have no such ``a_i``: the
+formula for SGD is then only a heuristic.
 
 Linear: a client uploads ``n_i d_i`` (weight ``n_i``) and the scalar ``n_i a_i``; both
 sum, so the backend pre-reduces per process, and ``tau_eff = sum n_i a_i / sum n_i``.
