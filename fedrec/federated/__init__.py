@@ -1,11 +1,13 @@
-"""Federated simulation: partitioners, update values, backends, the round loop, FedAvg."""
+"""Federated simulation: partitioners, update values, backends, the round loop, FL algorithms."""
 
 from fedrec.federated import (  # noqa: F401  (registrations)
     attacks,
     fed_avg,
+    fednova,
     fedprox,
     partition,
     postprocessors,
+    qffl,
     samplers,
     scaffold,
 )

@@ -16,6 +16,18 @@ def format_round(row: Dict[str, Any]) -> str:
             f"{row['round_seconds']:.2f}s  up {row['bytes_up'] / 1e6:,.1f} MB")
 
 
+def check_config(config: Dict[str, Any]) -> None:
+    """The config errors that need no data (the ``fl`` section, ``fl.imports``, the
+    algorithm's keys and values), raised before anything touches the logdir."""
+    from fedrec.federated.client_runner import algorithm_config
+    from fedrec.federated.config import fl_config_from, import_modules
+    from fedrec.utilities import registry
+
+    fl = fl_config_from(config)
+    import_modules(fl.imports)
+    algorithm_config(registry.lookup("fl_algo", fl.fl_algo), fl.fl_algo)
+
+
 def run_simulation(config: Dict[str, Any], logdir: str | Path, resume: bool = False,
                    config_path: Optional[str] = None, print_rounds: bool = True) -> List[Dict[str, Any]]:
     """Run a federated simulation; metrics.jsonl, TensorBoard and checkpoints go to ``logdir``."""
@@ -24,6 +36,7 @@ def run_simulation(config: Dict[str, Any], logdir: str | Path, resume: bool = Fa
     from fedrec.runner import archive_previous_run, truncate_metrics
     from fedrec.utilities.checkpoint import CheckpointManager
 
+    check_config(config)
     logdir = Path(logdir)
     resume_round = CheckpointManager(logdir / "checkpoints").latest_step() if resume else None
     notes = []
