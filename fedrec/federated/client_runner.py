@@ -158,6 +158,7 @@ class ClientRunner:
         except (ValueError, TypeError) as err:
             raise ConfigError(f"fl local optimizer {fl.optimizer_config}: {err}") from None
         self._local_momentum = float(fl.optimizer_config.get("momentum", 0.0) or 0.0)
+        self._local_lr = float(fl.optimizer_config.get("lr", fl.local_lr))  # fl.local_optimizer's own lr wins
         self._has_objective = self.algorithm.local_objective is not FederatedWorker.local_objective
         self._dense_bytes = sum(self.replica[n].numel() for n in self.dense_names) * fl.value_bytes
 
@@ -242,7 +243,7 @@ class ClientRunner:
         context = ClientContext(
             round=job.context, client_id=cid, sample_num=int(self.partition.sizes[cid]), model=self.model,
             weights=self.replica, start=job.global_state, dense_names=self.dense_names,
-            touched_rows=self._rows_of(cid) if self.sparse_mode else {}, local_lr=self.fl.local_lr,
+            touched_rows=self._rows_of(cid) if self.sparse_mode else {}, local_lr=self._local_lr,
             local_momentum=self._local_momentum, state=state, extra=extra)
         context.evaluate_loss = functools.partial(self._client_loss, cid)
         context.rows_of_client = functools.partial(self._rows_of, cid)

@@ -186,11 +186,14 @@ class WeightedUpdate:
         if not self.num_clients:
             return
         weight = self.weight if denominator is None else denominator
+        if not weight:  # only clients of weight 0 (e.g. no local steps): nothing to average
+            return
         for name, total in self.dense.items():
             state[name].add_(total / weight)
         for name, row in self.rows.items():
             if per_row:
-                mean = row.values / row.row_weight.to(row.values.dtype).unsqueeze(1)
+                row_weight = row.row_weight.to(row.values.dtype).unsqueeze(1)
+                mean = torch.where(row_weight > 0, row.values / row_weight, 0.0)  # 0/0 rows stay put
             else:
                 mean = row.values / weight
             state[name].index_add_(0, row.ids, mean)
