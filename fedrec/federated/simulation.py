@@ -24,9 +24,12 @@ from tqdm.auto import tqdm
 from fedrec.federated.backends import Backend, make_backend, make_blocks
 from fedrec.federated.client_runner import ClientRunner, ClientStats
 from fedrec.federated.config import FLConfig, fl_config_from, import_modules
+from fedrec.federated.resume import check_fingerprint, simulation_fingerprint
 from fedrec.federated.update import sum_updates
 from fedrec.federated_worker import FederatedWorker, InvalidStateError, Neighbour, NeighbourTable
 from fedrec.utilities import registry
+from fedrec.utilities.checkpoint import LoadedCheckpoint
+from fedrec.utilities.divergence import check_round
 from fedrec.utilities.logger import BaseLogger, NullLogger
 
 log = logging.getLogger("fedrec")
@@ -44,15 +47,24 @@ def _quiet_config(config: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def build_partition(trainer: Any, fl: FLConfig):
-    partitioner = registry.construct("partitioner", fl.partitioner)
-    return partitioner.split(trainer.dataset.split("train"), fl.num_workers, fl.seed)
+    from fedrec.trainers.base_trainer import _config_errors
+    from fedrec.utilities.config import ConfigError
+
+    train = trainer.dataset.split("train")
+    if fl.num_workers > len(train):
+        raise ConfigError(f"fl.num_workers is {fl.num_workers:,}, but the training split of {trainer.dataset.path} "
+                          f"has only {len(train):,} rows and every worker needs one; use at most {len(train):,}")
+    with _config_errors("fl.partitioner"):  # a bad alpha, a natural split without user ids
+        partitioner = registry.construct("partitioner", fl.partitioner)
+        return partitioner.split(train, fl.num_workers, fl.seed)
 
 
-def build_client_runner(config: Dict[str, Any], logdir: Path, config_path: Optional[str] = None,
+def build_client_runner(config: Dict[str, Any], logdir: Optional[Path], config_path: Optional[str] = None,
                         new_partition: bool = False) -> ClientRunner:
     """A process's trainer replica, data and partition (rank 0 and every MPI worker).
 
-    Rank 0 splits the data (``new_partition``) and saves the split into ``logdir``; the
+    Rank 0 splits the data (``new_partition``) and saves the split into ``logdir``
+    (``logdir=None``: only builds, and so checks, everything; nothing is written); the
     MPI worker processes load that file rather than splitting again.
     """
     from fedrec.federated.partition import ClientPartition
@@ -63,7 +75,8 @@ def build_client_runner(config: Dict[str, Any], logdir: Path, config_path: Optio
     trainer = build_trainer(_quiet_config(config), logdir=None, logger=None, config_path=config_path)
     if new_partition:
         partition = build_partition(trainer, fl)
-        partition.save(Path(logdir) / PARTITION_FILE)
+        if logdir is not None:
+            partition.save(Path(logdir) / PARTITION_FILE)
     else:
         partition = ClientPartition.load(Path(logdir) / PARTITION_FILE)
     return ClientRunner(config, fl, trainer, partition, aggregator_id=fl.num_workers, logdir=logdir)
@@ -73,7 +86,10 @@ class Simulation:
     """A federated simulation over ``fl.num_workers`` simulated trainers (star topology)."""
 
     def __init__(self, config: Dict[str, Any], logdir: str | Path, logger: Optional[BaseLogger] = None,
-                 config_path: Optional[str] = None, backend: Optional[Backend] = None) -> None:
+                 config_path: Optional[str] = None, backend: Optional[Backend] = None,
+                 runner: Optional[ClientRunner] = None) -> None:
+        """``runner``: one built (and checked) beforehand, its partition already saved in
+        ``logdir`` (``fedrec simulate`` checks everything before it touches the logdir)."""
         self.config = config
         self.fl = fl_config_from(config)
         self.logdir = Path(logdir)
@@ -86,13 +102,16 @@ class Simulation:
                 f"fl.topology {self.fl.topology.get('name')!r} is not supported; known: star")
 
         start = time.perf_counter()
-        self.runner = build_client_runner(config, self.logdir, config_path, new_partition=True)
+        self.runner = runner or build_client_runner(config, self.logdir, config_path, new_partition=True)
+        self.runner.logdir = self.logdir
         self.trainer = trainer = self.runner.trainer
         self.partition = self.runner.partition
         labels = np.asarray(trainer.dataset.split("train").label)
-        self.logger.info(f"data, model and partition ({self.fl.partitioner.get('name')}) ready in "
-                         f"{time.perf_counter() - start:.2f}s: {self.partition.describe(labels=labels)}")
+        took = "" if runner is not None else f" in {time.perf_counter() - start:.2f}s"
+        self.logger.info(f"data, model and partition ({self.fl.partitioner.get('name')}) ready{took}: "
+                         f"{self.partition.describe(labels=labels)}")
         self.seed = self.fl.seed
+        self.fingerprint = simulation_fingerprint(config, trainer.dataset)  # checked on resume
         self.per_row_embeddings = self.runner.per_row_embeddings
         self.global_state: Dict[str, torch.Tensor] = {
             k: v.detach().clone() for k, v in trainer.model.state_dict().items()
@@ -196,6 +215,7 @@ class Simulation:
         }
         for key in ("bytes_down", "bytes_up", "samples", "clients"):
             self.totals[key] += row[key]
+        check_round(row, self.round_idx + 1)  # nan: stop before evaluating and saving
         if (self.round_idx + 1) % self.fl.eval_every_n_rounds == 0 or self.round_idx + 1 == self.fl.num_rounds:
             eval_start = time.perf_counter()
             row.update(self.evaluate())
@@ -229,18 +249,20 @@ class Simulation:
             "aggregator_extra": dict(self.aggregator.extra),
             "client_states": {int(k): v for k, v in self.client_states.items()},
             "totals": dict(self.totals),
+            "fingerprint": dict(self.fingerprint),
         }
 
     def save_checkpoint(self) -> None:
         self.saver.save(self.round_idx, self.state_dict())
 
-    def resume(self) -> bool:
-        path = self.saver.latest()
-        if path is None:
+    def resume(self, checkpoint: Optional[LoadedCheckpoint] = None) -> bool:
+        """Continue from ``checkpoint`` or the newest intact one (an unreadable newer file
+        is skipped with a warning); a checkpoint of another config is refused."""
+        checkpoint = checkpoint or self.saver.load_newest_intact(on_skip=self.logger.warning)
+        if checkpoint is None:
             return False
-        from fedrec.utilities.checkpoint import CheckpointManager
-
-        state = CheckpointManager.load(path)
+        check_fingerprint(checkpoint, self.fingerprint)
+        path, state = checkpoint.path, checkpoint.state
         self.update_model(self.aggregator, state["global"])
         self.round_idx = int(state["round"])
         self.aggregator.extra = dict(state["aggregator_extra"])
