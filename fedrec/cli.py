@@ -188,6 +188,9 @@ def user_error(err: BaseException, args: argparse.Namespace) -> Optional[Tuple[i
     resumable = args.command in ("train", "simulate")
     if isinstance(err, KeyboardInterrupt):
         return 130, f"{command}: interrupted" + (f"; resume with: {resume_command(args)}" if resumable else "")
+    if isinstance(err, (ClientError, WorkerProcessError)) and _client_diverged(err):
+        return 2, (f"{command}: error: the simulation diverged: {err}; lower fl.local_lr (or the local "
+                   "optimizer's lr) and start a fresh run")
     if isinstance(err, (ClientError, WorkerProcessError)):
         # the message names the rank, round and client; the last round's checkpoint is intact
         return 1, (f"{command}: a client failed: {err}\n  the last round's checkpoint is intact: "
@@ -198,6 +201,19 @@ def user_error(err: BaseException, args: argparse.Namespace) -> Optional[Tuple[i
     if isinstance(err, OSError):
         return 2, f"{command}: error: {_os_error(err, args)}"
     return None
+
+
+def _client_diverged(err: BaseException) -> bool:
+    """A client's training reached nan: the cause is kept in this process, while from an
+    MPI worker only the message arrives (it names the exception type)."""
+    from fedrec.utilities.divergence import DivergedError
+
+    cause: Optional[BaseException] = err
+    while cause is not None:
+        if isinstance(cause, DivergedError):
+            return True
+        cause = cause.__cause__
+    return f"{DivergedError.__name__}:" in str(err)
 
 
 def _os_error(err: OSError, args: argparse.Namespace) -> str:

@@ -28,5 +28,5 @@ def check_round(row: Mapping[str, Any], round_number: int) -> None:
     if row.get("samples") and isinstance(loss, float) and not math.isfinite(loss):
         raise DivergedError(
             f"the simulation diverged in round {round_number}: the clients' mean training loss is "
-            f"{loss}; the checkpoint of the round before is the newest one. Lower fl.local_lr "
+            f"{loss}; this round was neither logged nor checkpointed. Lower fl.local_lr "
             "(or the local optimizer's lr) and start a fresh run")
