@@ -142,8 +142,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 def _cmd_simulate(args: argparse.Namespace) -> Optional[int]:
     from fedrec.federated.run import run_simulation
-    from fedrec.federated.spawn_watch import needs_watcher, run_watched
+    from fedrec.federated.spawn_watch import as_watched_child, needs_watcher, run_watched
 
+    as_watched_child()
     config = _config_from(args, FL_FLAG_PATHS)
     if needs_watcher(config):  # spawned MPI workers: see fedrec/federated/spawn_watch.py
         from fedrec.federated.mpi_backend import require_mpi4py

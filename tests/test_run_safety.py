@@ -266,6 +266,17 @@ def test_resume_of_a_finished_training_run_adds_no_second_test_record(config, tm
     assert len([r for r in before if r["phase"] == "test"]) == 1
 
 
+def test_resume_of_a_finished_simulation_changes_nothing(config, tmp_path, capsys):
+    cfg = write_config(fl_config(config), tmp_path / "c.yml")
+    logdir = tmp_path / "run"
+    assert cli(capsys, "simulate", "--config", cfg, "--logdir", logdir)[0] == 0
+    before = snapshot(logdir)
+    status, out, err = cli(capsys, "simulate", "--config", cfg, "--logdir", logdir, "--resume")
+    assert status == 0, err
+    assert f"nothing to do: {logdir} already holds 2 rounds" in out
+    assert snapshot(logdir) == before  # summary.json keeps its final metrics
+
+
 @pytest.mark.parametrize("text, needle", [
     ("data:\n  path: x\n", "unknown top-level section(s) ['data']"),
     ("log:\n  dir: x\n", "unknown top-level section(s) ['log']"),

@@ -43,7 +43,7 @@ def run_simulation(config: Dict[str, Any], logdir: str | Path, resume: bool = Fa
     from fedrec.federated.resume import find_resume_point, saved_partition_matches, simulation_fingerprint
     from fedrec.federated.simulation import build_client_runner
     from fedrec.utilities.divergence import NonFinitePredictions
-    from fedrec.utilities.logger import RunLogger
+    from fedrec.utilities.logger import RunLogger, read_metrics
     from fedrec.utilities.run_dir import LogdirLock, archive_previous_run, repair_metrics
 
     logdir = Path(logdir)
@@ -56,6 +56,10 @@ def run_simulation(config: Dict[str, Any], logdir: str | Path, resume: bool = Fa
     with LogdirLock(logdir):
         start = find_resume_point(logdir, fingerprint, on_skip=skipped.append) if resume else None
         keep_partition = start is not None and saved_partition_matches(logdir / PARTITION_FILE, runner.partition)
+        if start is not None and start.step >= runner.fl.num_rounds:  # a finished run: leave it as it is
+            print(f"nothing to do: {logdir} already holds {start.step} rounds (fl.num_rounds is "
+                  f"{runner.fl.num_rounds}); raise --num_rounds to run more")
+            return [r for r in read_metrics(logdir) if r.get("phase") == "fl"]
         # -- everything is checked: from here on the logdir changes ----------------------
         if start is not None:
             # rounds logged after the checkpoint are run (and logged) again

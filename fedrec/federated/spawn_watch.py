@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
-__all__ = ["CHILD_ENV", "needs_watcher", "run_watched"]
+__all__ = ["CHILD_ENV", "as_watched_child", "needs_watcher", "run_watched"]
 
 CHILD_ENV = "FEDREC_SPAWN_CHILD"
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -37,6 +37,13 @@ def needs_watcher(config: Dict[str, Any]) -> bool:
     if os.environ.get(CHILD_ENV) or "mpi4py.futures" in sys.modules or launcher_world_size() > 1:
         return False
     return fl_config_from(config).backend == "mpi"
+
+
+def as_watched_child() -> None:
+    """In the watched child: Ctrl-C passed on by the watcher raises KeyboardInterrupt here
+    (the child may have inherited an ignored SIGINT, as in a background job)."""
+    if os.environ.get(CHILD_ENV):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def run_watched(argv: List[str], logdir: Path, resume_command: str) -> int:
