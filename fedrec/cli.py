@@ -230,11 +230,10 @@ def _os_error(err: OSError, args: argparse.Namespace) -> str:
             text += f"; the last good checkpoint, {newest}, is intact" if newest else ""
             text += f": free some space and resume with: {resume_command(args)}"
         return text
-    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        hint = ""
-        if logdir and path and Path(path).resolve().is_relative_to(Path(logdir).resolve()):
-            hint = " (the --logdir must be a folder you can write to)"
-        return f"cannot write {path}: {err.strerror.lower() if err.strerror else 'permission denied'}{hint}"
+    in_logdir = bool(logdir and path and Path(path).resolve().is_relative_to(Path(logdir).resolve()))
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and in_logdir:
+        reason = err.strerror.lower() if err.strerror else "permission denied"
+        return f"cannot write {path}: {reason} (the --logdir must be a folder you can write to)"
     if err.strerror and err.filename:
         return f"{err.filename}: {err.strerror}"
     return str(err)
