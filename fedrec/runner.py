@@ -101,14 +101,14 @@ def run_train(config: Dict[str, Any], logdir: str | Path, resume: bool = False,
     ``logdir/previous/<time>/`` first.
     """
     from fedrec.utilities.logger import RunLogger
-    from fedrec.utilities.run_dir import LogdirLock, archive_previous_run, repair_metrics
+    from fedrec.utilities.run_dir import LogdirLock, archive_previous_run, remove_partial_writes, repair_metrics
 
     logdir = Path(logdir)
     trainer = build_trainer(config, logdir=logdir, logger=None, config_path=config_path)
     with LogdirLock(logdir):
         resumed = trainer.resume() if resume else False
-        notes = []
         # -- everything is checked: from here on the logdir changes ----------------------
+        notes = remove_partial_writes(logdir)
         if resumed:
             # the test line comes after the last checkpoint: the resumed run writes it again
             notes += repair_metrics(logdir / "metrics.jsonl", trainer.progress.step, rerun_phases=("test",))

@@ -67,6 +67,21 @@ def test_second_run_into_a_busy_logdir_is_refused_and_a_killed_runs_lock_does_no
     rounds = [r["round"] for r in read_metrics(logdir) if r["phase"] == "fl"]
     assert rounds == list(range(1, rounds_done + 2))
     assert not (logdir / LOCK_FILE).exists()  # released at the end
+    assert not list(logdir.rglob("*.tmp*"))  # a checkpoint the kill cut short is gone
+
+
+def test_partial_files_of_a_killed_run_are_removed_by_the_next_run(config, tmp_path, capsys):
+    cfg = write_config(train_config(config, num_batches=20), tmp_path / "c.yml")
+    logdir = tmp_path / "run"
+    assert cli(capsys, "train", "--config", cfg, "--logdir", logdir)[0] == 0
+    partial = [logdir / "checkpoints" / ".ckpt-000000040.pt.k2j3.tmp", logdir / "metrics.jsonl.tmp"]
+    for path in partial:
+        path.write_bytes(b"half written when the run was killed")
+    mine = logdir / "notes.tmp"  # not ours: left alone
+    mine.write_text("keep me")
+    status, _, err = cli(capsys, "train", "--config", cfg, "--logdir", logdir, "--resume")
+    assert status == 0 and f"removed 2 partial file(s) that a killed run left in {logdir}" in err
+    assert not any(p.exists() for p in partial) and mine.read_text() == "keep me"
 
 
 def test_lock_names_the_holder_and_only_mpi_rank_0_takes_it(config, tmp_path, capsys, monkeypatch):

@@ -44,7 +44,7 @@ def run_simulation(config: Dict[str, Any], logdir: str | Path, resume: bool = Fa
     from fedrec.federated.simulation import build_client_runner
     from fedrec.utilities.divergence import NonFinitePredictions
     from fedrec.utilities.logger import RunLogger, read_metrics
-    from fedrec.utilities.run_dir import LogdirLock, archive_previous_run, repair_metrics
+    from fedrec.utilities.run_dir import LogdirLock, archive_previous_run, remove_partial_writes, repair_metrics
 
     logdir = Path(logdir)
     started = time.perf_counter()
@@ -61,6 +61,7 @@ def run_simulation(config: Dict[str, Any], logdir: str | Path, resume: bool = Fa
                   f"{runner.fl.num_rounds}); raise --num_rounds to run more")
             return [r for r in read_metrics(logdir) if r.get("phase") == "fl"]
         # -- everything is checked: from here on the logdir changes ----------------------
+        notes += remove_partial_writes(logdir)
         if start is not None:
             # rounds logged after the checkpoint are run (and logged) again
             notes += repair_metrics(logdir / "metrics.jsonl", start.step, unit="round")

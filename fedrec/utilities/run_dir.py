@@ -14,6 +14,9 @@ Why each part exists:
 * :func:`repair_metrics`: ``--resume`` drops the ``metrics.jsonl`` records written after
   the checkpoint (the resumed run writes them again) and a torn last line left by a
   killed run, which would otherwise be glued to the next record.
+* :func:`remove_partial_writes`: files are written to a temporary name and renamed; a
+  run killed mid-write leaves the temporary file (a partial checkpoint can be
+  gigabytes), which the next run in the logdir removes, holding the lock.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ __all__ = [
     "LogdirLock",
     "archive_previous_run",
     "launcher_rank",
+    "remove_partial_writes",
     "repair_metrics",
 ]
 
@@ -166,6 +170,26 @@ def archive_previous_run(logdir: Path) -> Optional[Path]:
     for path in found:
         shutil.move(str(path), str(target / path.name))
     return target
+
+
+# Temporary names of the logdir's atomic writes (checkpoint.py, logger.py, simulation.py,
+# partition.py, repair_metrics), relative to the logdir.
+_PARTIAL_WRITES = ("checkpoints/.ckpt-*.pt.*.tmp", "checkpoints/.best.pt.*.tmp", "metrics.jsonl.tmp",
+                   "config.yml.tmp", "summary.json.tmp", "partition.npz.tmp-*")
+
+
+def remove_partial_writes(logdir: Path) -> List[str]:
+    """Remove temporary files a killed run left half-written; returns a note, if any.
+
+    Call it only while holding the :class:`LogdirLock`: no other run is writing here.
+    """
+    removed = 0
+    for pattern in _PARTIAL_WRITES:
+        for path in Path(logdir).glob(pattern):
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                removed += 1
+    return [f"removed {removed} partial file(s) that a killed run left in {logdir}"] if removed else []
 
 
 def repair_metrics(path: Path, step: int, rerun_phases: Iterable[str] = (), unit: str = "step") -> List[str]:
