@@ -2,15 +2,21 @@
 
 Every job reads a YAML config (``--config``); the seed's flags (``--batch_size 256``) and
 ``--set section.key=value`` override it. Errors in the config or the data end the run
-with one clear message (exit status 2), not a traceback.
+with one clear message (exit status 2), not a traceback (``-v`` adds it); Ctrl-C ends it
+with "interrupted; resume with: ..." (exit status 130). :func:`user_error` is the one
+place that turns exceptions into those messages.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import shlex
 import sys
-from typing import Any, Callable, Dict, List, Optional
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from fedrec.utilities.config import FL_FLAG_PATHS, FLAG_PATHS, ConfigError, load_config
 
@@ -80,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_NOT_FLAGS = {"command", "config", "sets", "logdir", "resume", "verbose", "rows", "out", "num_users"}
+_NOT_FLAGS = {"command", "config", "sets", "logdir", "resume", "verbose", "rows", "out", "num_users", "argv"}
 
 
 def _flags(args: argparse.Namespace, paths: Dict[str, str]) -> tuple[Dict[str, Any], Dict[str, Any]]:
@@ -134,14 +140,22 @@ def _cmd_train(args: argparse.Namespace) -> None:
     run_train(_config_from(args, FLAG_PATHS), args.logdir, resume=args.resume, config_path=args.config)
 
 
-def _cmd_simulate(args: argparse.Namespace) -> None:
+def _cmd_simulate(args: argparse.Namespace) -> Optional[int]:
     from fedrec.federated.run import run_simulation
+    from fedrec.federated.spawn_watch import as_watched_child, needs_watcher, run_watched
 
-    run_simulation(_config_from(args, FL_FLAG_PATHS), args.logdir, resume=args.resume,
-                   config_path=args.config)
+    as_watched_child()
+    config = _config_from(args, FL_FLAG_PATHS)
+    if needs_watcher(config):  # spawned MPI workers: see fedrec/federated/spawn_watch.py
+        from fedrec.federated.mpi_backend import require_mpi4py
+
+        require_mpi4py(import_mpi=False)
+        return run_watched(args.argv, Path(args.logdir), resume_command(args))
+    run_simulation(config, args.logdir, resume=args.resume, config_path=args.config)
+    return None
 
 
-COMMANDS: Dict[str, Callable[[argparse.Namespace], None]] = {
+COMMANDS: Dict[str, Callable[[argparse.Namespace], Optional[int]]] = {
     "synth": _cmd_synth,
     "preprocess": _cmd_preprocess,
     "train": _cmd_train,
@@ -149,30 +163,100 @@ COMMANDS: Dict[str, Callable[[argparse.Namespace], None]] = {
 }
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def resume_command(args: argparse.Namespace) -> str:
+    """The command line that continues this run: the same arguments plus ``--resume``."""
+    argv = list(args.argv)
+    if "--resume" not in argv:
+        argv.append("--resume")
+    return shlex.join(["fedrec", *argv])
+
+
+def user_error(err: BaseException, args: argparse.Namespace) -> Optional[Tuple[int, str]]:
+    """(exit status, message) for an exception the user can act on; None for a bug.
+
+    Config, data and checkpoint problems, a busy or unwritable logdir, a full disk and a
+    diverged model are exit status 2; a failed client 1; Ctrl-C 130.
+    """
     from fedrec.data.errors import DataError
     from fedrec.federated.client_runner import ClientError
     from fedrec.federated.mpi_backend import WorkerProcessError
+    from fedrec.utilities.checkpoint import CheckpointError
+    from fedrec.utilities.divergence import DivergedError
     from fedrec.utilities.registry import ConfigTypeError, RegistryError
+    from fedrec.utilities.run_dir import LogdirBusyError
 
+    command = f"fedrec {args.command}"
+    resumable = args.command in ("train", "simulate")
+    if isinstance(err, KeyboardInterrupt):
+        return 130, f"{command}: interrupted" + (f"; resume with: {resume_command(args)}" if resumable else "")
+    if isinstance(err, (ClientError, WorkerProcessError)) and _client_diverged(err):
+        return 2, (f"{command}: error: the simulation diverged: {err}; lower fl.local_lr (or the local "
+                   "optimizer's lr) and start a fresh run")
+    if isinstance(err, (ClientError, WorkerProcessError)):
+        # the message names the rank, round and client; the last round's checkpoint is intact
+        return 1, (f"{command}: a client failed: {err}\n  the last round's checkpoint is intact: "
+                   f"fix the cause and resume with: {resume_command(args)}")
+    if isinstance(err, (ConfigError, ConfigTypeError, DataError, RegistryError, CheckpointError,
+                        DivergedError, LogdirBusyError)):
+        return 2, f"{command}: error: {err}"
+    if isinstance(err, OSError):
+        return 2, f"{command}: error: {_os_error(err, args)}"
+    return None
+
+
+def _client_diverged(err: BaseException) -> bool:
+    """A client's training reached nan: the cause is kept in this process, while from an
+    MPI worker only the message arrives (it names the exception type)."""
+    from fedrec.utilities.divergence import DivergedError
+
+    cause: Optional[BaseException] = err
+    while cause is not None:
+        if isinstance(cause, DivergedError):
+            return True
+        cause = cause.__cause__
+    return f"{DivergedError.__name__}:" in str(err)
+
+
+def _os_error(err: OSError, args: argparse.Namespace) -> str:
+    """A file-system error in one line, naming the path and what to do."""
+    logdir = getattr(args, "logdir", None)
+    path = err.filename or logdir
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        text = f"no space left on device while writing {path}"
+        if logdir:
+            from fedrec.utilities.checkpoint import CheckpointManager
+
+            newest = CheckpointManager(Path(logdir) / "checkpoints").latest()
+            text += f"; the last good checkpoint, {newest}, is intact" if newest else ""
+            text += f": free some space and resume with: {resume_command(args)}"
+        return text
+    in_logdir = bool(logdir and path and Path(path).resolve().is_relative_to(Path(logdir).resolve()))
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and in_logdir:
+        reason = err.strerror.lower() if err.strerror else "permission denied"
+        return f"cannot write {path}: {reason} (the --logdir must be a folder you can write to)"
+    if err.strerror and err.filename:
+        return f"{err.filename}: {err.strerror}"
+    return str(err)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = argv
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        COMMANDS[args.command](args)
-    except (ConfigError, ConfigTypeError, DataError, RegistryError, FileNotFoundError) as err:
-        print(f"fedrec {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except (ClientError, WorkerProcessError) as err:
-        # a client failed: the message names the rank, round and client; the last round's
-        # checkpoint is intact, so --resume continues once the cause is fixed
-        logging.getLogger("fedrec").debug("client failure", exc_info=True)
-        print(f"fedrec {args.command}: a client failed: {err}\n"
-              f"  the last round's checkpoint is intact: fix the cause and rerun with --resume",
-              file=sys.stderr)
-        return 1
-    return 0
+        status = COMMANDS[args.command](args)
+    except BaseException as err:  # noqa: BLE001 - sorted by user_error; others re-raised
+        handled = user_error(err, args)
+        if handled is None:
+            raise
+        if args.verbose:
+            traceback.print_exc()
+        print(handled[1], file=sys.stderr)
+        return handled[0]
+    return status or 0
 
 
 def script_main(command: str, default_config: str, argv: Optional[List[str]] = None) -> int:

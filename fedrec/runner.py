@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
-import time
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
@@ -90,97 +87,55 @@ def build_trainer(config: Dict[str, Any], logdir: Optional[str | Path] = None, l
     return trainer_cls(config, train_config, logger=logger, model_preproc=preproc, logdir=logdir)
 
 
-# What a run leaves in its logdir (archived when a fresh run starts in the same folder).
-_RUN_FILES = ("metrics.jsonl", "config.yml", "run.log", "checkpoints", "summary.json", "partition.npz")
-_PREVIOUS = "previous"
-
-
 def run_train(config: Dict[str, Any], logdir: str | Path, resume: bool = False,
               config_path: Optional[str] = None) -> Dict[str, float]:
     """Standard training: validate as configured, then test; everything under ``logdir``.
 
-    The config, data, model and optimizer are all checked before anything is written.
-    With ``resume`` the newest checkpoint under ``logdir/checkpoints`` is restored
-    (model, optimizer, scheduler, step, epoch, RNG, data position) and the lines of
-    ``metrics.jsonl`` after its step are dropped, since the run writes them again; a
-    fresh run in a folder that holds an earlier run moves that run's files to
+    The config, data, model and optimizer are all checked before the logdir is touched;
+    then the logdir is locked against a second writer. With ``resume`` the newest
+    intact checkpoint under ``logdir/checkpoints`` is restored (model, optimizer,
+    scheduler, step, epoch, RNG, data position; an unreadable newer file is skipped with
+    a warning) and the lines of ``metrics.jsonl`` after its step are dropped, with the
+    final test line and a torn last line, since the run writes them again; a fresh run
+    in a folder that holds an earlier run moves that run's files to
     ``logdir/previous/<time>/`` first.
     """
     from fedrec.utilities.logger import RunLogger
+    from fedrec.utilities.run_dir import LogdirLock, archive_previous_run, remove_partial_writes, repair_metrics
 
     logdir = Path(logdir)
     trainer = build_trainer(config, logdir=logdir, logger=None, config_path=config_path)
-    resumed = trainer.resume() if resume else False
-    notes = []
-    if resumed:
-        dropped = truncate_metrics(logdir / "metrics.jsonl", trainer.progress.step)
-        if dropped:
-            notes.append(f"dropped {dropped} metrics.jsonl line(s) after step {trainer.progress.step}; "
-                         "the resumed run writes them again")
-    else:
-        if resume:
-            notes.append(f"--resume: no checkpoint under {logdir / 'checkpoints'}; starting fresh")
-        archived = archive_previous_run(logdir)
-        if archived is not None:
-            notes.append(f"{logdir} held an earlier run: moved its files to {archived} "
-                         "(pass --resume to continue a run instead)")
-    logdir.mkdir(parents=True, exist_ok=True)
-    purge_step = trainer.progress.step + 1 if resumed else None
-    with RunLogger(logdir, purge_step=purge_step) as logger:
-        trainer.logger = logger
-        for note in notes:
-            logger.info(note)
+    with LogdirLock(logdir):
+        resumed = trainer.resume() if resume else False
+        # -- everything is checked: from here on the logdir changes ----------------------
+        notes = remove_partial_writes(logdir)
         if resumed:
-            logger.info(f"resumed from {trainer.resumed_from} at step {trainer.progress.step} "
-                        f"(epoch {trainer.progress.epoch}, batch {trainer.progress.batch_in_epoch})")
-        logger.log_config(config)
-        val = trainer.train()
-        test = trainer.test()
+            # the test line comes after the last checkpoint: the resumed run writes it again
+            notes += repair_metrics(logdir / "metrics.jsonl", trainer.progress.step, rerun_phases=("test",))
+        else:
+            if resume:
+                notes.append(f"--resume: no checkpoint under {logdir / 'checkpoints'}; starting fresh")
+            archived = archive_previous_run(logdir)
+            if archived is not None:
+                notes.append(f"{logdir} held an earlier run: moved its files to {archived} "
+                             "(pass --resume to continue a run instead)")
+        purge_step = trainer.progress.step + 1 if resumed else None
+        with RunLogger(logdir, purge_step=purge_step) as logger:
+            trainer.logger = logger
+            for message in trainer.resume_notes:
+                logger.warning(message)
+            for note in notes:
+                logger.info(note)
+            if resumed:
+                logger.info(f"resumed from {trainer.resumed_from} at step {trainer.progress.step} "
+                            f"(epoch {trainer.progress.epoch}, batch {trainer.progress.batch_in_epoch})")
+            logger.log_config(config)
+            val = trainer.train()
+            test = trainer.test()
     print(f"val:  {_fmt(val)}")
     print(f"test: {_fmt(test)}")
     print(f"results in {logdir}: metrics.jsonl, TensorBoard events, checkpoints/, config.yml")
     return {**{f"val_{k}": v for k, v in val.items()}, **{f"test_{k}": v for k, v in test.items()}}
-
-
-def truncate_metrics(path: Path, step: int) -> int:
-    """Drop the records of ``path`` logged after ``step``; returns how many (atomic rewrite)."""
-    if not path.is_file():
-        return 0
-    kept, dropped = [], 0
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        try:
-            record_step = json.loads(line).get("step") if line.strip() else None
-        except (json.JSONDecodeError, AttributeError):
-            record_step = None
-        if isinstance(record_step, int) and record_step > step:
-            dropped += 1
-        elif line.strip():
-            kept.append(line if line.endswith("\n") else line + "\n")
-    if dropped:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        tmp.replace(path)
-    return dropped
-
-
-def archive_previous_run(logdir: Path) -> Optional[Path]:
-    """Move an earlier run's files out of ``logdir`` (into ``previous/<time>``), if any."""
-    if not logdir.is_dir():
-        return None
-    found = [logdir / name for name in _RUN_FILES if (logdir / name).exists()]
-    found += sorted(logdir.glob("events.out.tfevents.*"))
-    if not found:
-        return None
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    target = logdir / _PREVIOUS / stamp
-    n = 1
-    while target.exists():
-        n += 1
-        target = logdir / _PREVIOUS / f"{stamp}-{n}"
-    target.mkdir(parents=True)
-    for path in found:
-        shutil.move(str(path), str(target / path.name))
-    return target
 
 
 def _fmt(metrics: Dict[str, float]) -> str:

@@ -91,15 +91,23 @@ def quiet_config(config: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def build_partition(trainer: Any, fl: FLConfig):
-    partitioner = registry.construct("partitioner", fl.partitioner)
-    return partitioner.split(trainer.dataset.split("train"), fl.num_workers, fl.seed)
+    from fedrec.trainers.base_trainer import _config_errors
+
+    train = trainer.dataset.split("train")
+    if fl.num_workers > len(train):
+        raise ConfigError(f"fl.num_workers is {fl.num_workers:,}, but the training split of {trainer.dataset.path} "
+                          f"has only {len(train):,} rows and every worker needs one; use at most {len(train):,}")
+    with _config_errors("fl.partitioner"):  # a bad alpha, a natural split without user ids
+        partitioner = registry.construct("partitioner", fl.partitioner)
+        return partitioner.split(train, fl.num_workers, fl.seed)
 
 
-def build_client_runner(config: Dict[str, Any], logdir: Path, config_path: Optional[str] = None,
+def build_client_runner(config: Dict[str, Any], logdir: Optional[Path], config_path: Optional[str] = None,
                         new_partition: bool = False) -> "ClientRunner":
     """A process's trainer replica, data and partition (rank 0 and every MPI process).
 
-    Rank 0 splits the data (``new_partition``) and saves the split into ``logdir``; the
+    Rank 0 splits the data (``new_partition``) and saves the split into ``logdir``
+    (``logdir=None``: only builds, and so checks, everything; nothing is written); the
     MPI processes load that file rather than splitting again.
     """
     from fedrec.federated.partition import ClientPartition
@@ -110,7 +118,8 @@ def build_client_runner(config: Dict[str, Any], logdir: Path, config_path: Optio
     trainer = build_trainer(quiet_config(config), logdir=None, logger=None, config_path=config_path)
     if new_partition:
         partition = build_partition(trainer, fl)
-        partition.save(Path(logdir) / PARTITION_FILE)
+        if logdir is not None:
+            partition.save(Path(logdir) / PARTITION_FILE)
     else:
         partition = ClientPartition.load(Path(logdir) / PARTITION_FILE)
     return ClientRunner(config, fl, trainer, partition, aggregator_id=fl.num_workers, logdir=logdir)
@@ -161,6 +170,11 @@ class ClientRunner:
         self._local_lr = float(fl.optimizer_config.get("lr", fl.local_lr))  # fl.local_optimizer's own lr wins
         self._has_objective = self.algorithm.local_objective is not FederatedWorker.local_objective
         self._dense_bytes = sum(self.replica[n].numel() for n in self.dense_names) * fl.value_bytes
+
+    def attach_logdir(self, logdir: Path) -> None:
+        """Where the run's files go (a runner built to check a config has none yet)."""
+        self.logdir = Path(logdir)
+        self.store = ClientStateStore(self.logdir / STATE_DIR)
 
     def _check_mode(self) -> None:
         name = self.fl.fl_algo.get("name")

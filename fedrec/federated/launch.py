@@ -14,18 +14,23 @@ from fedrec.federated.mpi_env import launched_under_mpi_futures, launcher_world_
 log = logging.getLogger("fedrec")
 
 
-def make_backend(name: str, runner: ClientRunner, config: Dict[str, Any], logdir: Path,
-                 processes: Optional[int] = None, config_path: Optional[str] = None) -> Backend:
-    if name not in ("auto", "local", "mpi"):
-        raise ValueError(f"unknown fl.backend {name!r}; known: local, mpi, auto")
+def check_launch() -> None:
+    """Refuse a plain ``mpiexec -n K python train_fl.py``: every rank would run its own
+    copy of the whole simulation into the same logdir."""
     if launcher_world_size() > 1 and "mpi4py.futures" not in sys.modules:
-        # Every rank would run its own copy of the whole simulation into the same logdir.
         from fedrec.utilities.registry import RegistryError
 
         raise RegistryError(
             f"this process is one of {launcher_world_size()} started by an MPI launcher without "
             "mpi4py.futures; run `mpiexec -n K python -m mpi4py.futures train_fl.py ...` "
             "(rank 0 runs the simulation, the other ranks its clients)")
+
+
+def make_backend(name: str, runner: ClientRunner, config: Dict[str, Any], logdir: Path,
+                 processes: Optional[int] = None, config_path: Optional[str] = None) -> Backend:
+    if name not in ("auto", "local", "mpi"):
+        raise ValueError(f"unknown fl.backend {name!r}; known: local, mpi, auto")
+    check_launch()
     if name == "auto":
         name = "mpi" if launched_under_mpi_futures() else "local"
     from fedrec.federated.mpi_backend import MPIBackend, report_crashed_workers

@@ -244,21 +244,33 @@ def _run_job(job: RoundJob, logdir: str, token: Optional[Tuple[int, int]], weigh
     return packed, timings
 
 
-def report_crashed_workers(logdir: Path) -> List[str]:
-    """Messages for worker processes that were mid-round when an earlier run stopped
-    (a process killed, or the whole job aborted because one died); clears the markers."""
-    messages = []
+def read_crash_markers(logdir: Path) -> List[Dict[str, Any]]:
+    """What each worker process left mid-round (rank, pid, host, round, clients), by rank."""
+    found = []
     for path in sorted((Path(logdir) / "mpi").glob("rank-*.json")):
         try:
             info = json.loads(path.read_text())
-            clients = info["clients"]
-            messages.append(
-                f"an earlier run stopped while MPI rank {info['rank']} (pid {info['pid']} on "
-                f"{info.get('host', '?')}) was running round {info['round']} (0-based), clients "
-                f"{clients[:10]}{f' and {len(clients) - 10} more' if len(clients) > 10 else ''}; "
-                f"that round did not finish and is run again from the last checkpoint")
-        except (OSError, ValueError, KeyError):
+            found.append({"rank": info["rank"], "pid": info["pid"], "host": info.get("host", "?"),
+                          "round": info["round"], "clients": list(info["clients"])})
+        except (OSError, ValueError, KeyError, TypeError):
             pass
+    return found
+
+
+def describe_clients(clients: Sequence[int]) -> str:
+    more = f" and {len(clients) - 10} more" if len(clients) > 10 else ""
+    return f"{list(clients[:10])}{more}"
+
+
+def report_crashed_workers(logdir: Path) -> List[str]:
+    """Messages for worker processes that were mid-round when an earlier run stopped
+    (a process killed, or the whole job aborted because one died); clears the markers."""
+    messages = [
+        f"an earlier run stopped while MPI rank {info['rank']} (pid {info['pid']} on {info['host']}) "
+        f"was running round {info['round']} (0-based), clients {describe_clients(info['clients'])}; "
+        "that round did not finish and is run again from the last checkpoint"
+        for info in read_crash_markers(logdir)]
+    for path in (Path(logdir) / "mpi").glob("rank-*.json"):
         path.unlink(missing_ok=True)
     return messages
 
@@ -286,19 +298,35 @@ def _evaluate_with_all_cores() -> None:
         torch.set_num_threads(cores)
 
 
+def require_mpi4py(import_mpi: bool = True) -> None:
+    """Raise :class:`MPIUnavailableError` saying how to install mpi4py when it is missing
+    (checked before a run touches its logdir). ``import_mpi=False`` only looks for the
+    package, without starting MPI in this process."""
+    try:
+        if not import_mpi:
+            import importlib.util
+
+            if importlib.util.find_spec("mpi4py") is None:
+                raise ImportError("No module named 'mpi4py'")
+            return
+        from mpi4py import MPI  # noqa: F401
+        from mpi4py.futures import MPIPoolExecutor  # noqa: F401
+    except ImportError as err:
+        raise MPIUnavailableError(
+            f"fl.backend 'mpi' needs mpi4py and an MPI library, which are not installed "
+            f"({err}): {INSTALL_HINT}; or use fl.backend: local") from None
+
+
 class MPIBackend(Backend):
     name = "mpi"
 
     def __init__(self, config: Dict[str, Any], logdir: Path, client_sizes: np.ndarray,
                  processes: Optional[int] = None, config_path: Optional[str] = None,
                  rows_for: Optional[Callable[[List[int]], Dict[str, torch.Tensor]]] = None) -> None:
-        try:
-            from mpi4py import MPI
-            from mpi4py.futures import MPIPoolExecutor
-        except ImportError as err:
-            raise MPIUnavailableError(
-                f"fl.backend 'mpi' needs mpi4py and an MPI library, which are not installed "
-                f"({err}): {INSTALL_HINT}; or use fl.backend: local") from None
+        require_mpi4py()
+        from mpi4py import MPI
+        from mpi4py.futures import MPIPoolExecutor
+
         from fedrec.federated.mpi_env import launched_under_mpi_futures
 
         self.MPI = MPI

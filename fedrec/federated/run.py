@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from fedrec.federated.simulation import Simulation
+from fedrec.federated.simulation import PARTITION_FILE, Simulation
 
 
 def format_round(row: Dict[str, Any]) -> str:
@@ -16,52 +17,82 @@ def format_round(row: Dict[str, Any]) -> str:
             f"{row['round_seconds']:.2f}s  up {row['bytes_up'] / 1e6:,.1f} MB")
 
 
-def check_config(config: Dict[str, Any]) -> None:
-    """The config errors that need no data (the ``fl`` section, ``fl.imports``, the
-    algorithm's keys and values), raised before anything touches the logdir."""
-    from fedrec.federated.client_runner import algorithm_config
-    from fedrec.federated.config import fl_config_from, import_modules
-    from fedrec.utilities import registry
+def _check_backend(config: Dict[str, Any]) -> None:
+    """What making the backend would refuse, checked before the logdir is touched."""
+    from fedrec.federated.config import fl_config_from
+    from fedrec.federated.launch import check_launch
+    from fedrec.federated.mpi_env import launched_under_mpi_futures
+    from fedrec.federated.mpi_backend import require_mpi4py
 
-    fl = fl_config_from(config)
-    import_modules(fl.imports)
-    algorithm_config(registry.lookup("fl_algo", fl.fl_algo), fl.fl_algo)
+    check_launch()
+    backend = fl_config_from(config).backend
+    if backend == "mpi" or (backend == "auto" and launched_under_mpi_futures()):
+        require_mpi4py()
 
 
 def run_simulation(config: Dict[str, Any], logdir: str | Path, resume: bool = False,
                    config_path: Optional[str] = None, print_rounds: bool = True) -> List[Dict[str, Any]]:
-    """Run a federated simulation; metrics.jsonl, TensorBoard and checkpoints go to ``logdir``."""
-    from fedrec.utilities.logger import RunLogger
+    """Run a federated simulation; metrics.jsonl, TensorBoard and checkpoints go to ``logdir``.
 
-    from fedrec.runner import archive_previous_run, truncate_metrics
-    from fedrec.utilities.checkpoint import CheckpointManager
+    The order keeps an earlier run safe: first everything is built and so checked (the
+    config, data, model, optimizers, the client split, the backend); then the logdir is
+    locked against a second writer; then, with ``resume``, the newest intact checkpoint
+    is read and its config fingerprint compared with this config's. Only after all of
+    that do files change: the metrics written after the checkpoint are dropped (resume)
+    or the earlier run moves to ``logdir/previous/<time>/`` (fresh run).
+    """
+    from fedrec.federated.resume import find_resume_point, saved_partition_matches, simulation_fingerprint
+    from fedrec.federated.simulation import build_client_runner, check_simulation
+    from fedrec.utilities.divergence import NonFinitePredictions
+    from fedrec.utilities.logger import RunLogger, read_metrics
+    from fedrec.utilities.run_dir import LogdirLock, archive_previous_run, remove_partial_writes, repair_metrics
 
-    check_config(config)
     logdir = Path(logdir)
-    resume_round = CheckpointManager(logdir / "checkpoints").latest_step() if resume else None
-    notes = []
-    if resume_round is not None:
-        # rounds logged after the checkpoint are run (and logged) again
-        truncate_metrics(logdir / "metrics.jsonl", resume_round)
-    else:
-        if resume:
-            notes.append(f"--resume: no checkpoint under {logdir / 'checkpoints'}; starting fresh")
-        archived = archive_previous_run(logdir)
-        if archived is not None:
-            notes.append(f"{logdir} held an earlier run: moved its files to {archived}")
-    logdir.mkdir(parents=True, exist_ok=True)
-    purge_step = None if resume_round is None else resume_round + 1
-    with RunLogger(logdir, purge_step=purge_step) as logger:
-        for note in notes:
-            logger.info(note)
-        logger.log_config(config)
-        sim = Simulation(config, logdir, logger=logger, config_path=config_path)
-        try:
-            if resume_round is not None:
-                sim.resume()
-            history = sim.run()
-        finally:
-            sim.close()
+    started = time.perf_counter()
+    _check_backend(config)
+    runner = build_client_runner(config, None, config_path, new_partition=True)  # checks; writes nothing
+    check_simulation(runner)
+    fingerprint = simulation_fingerprint(config, runner.trainer.dataset)
+    skipped: List[str] = []
+    notes = [f"config, data, model and client split built and checked in {time.perf_counter() - started:.2f}s"]
+    with LogdirLock(logdir):
+        start = find_resume_point(logdir, fingerprint, on_skip=skipped.append) if resume else None
+        keep_partition = start is not None and saved_partition_matches(logdir / PARTITION_FILE, runner.partition)
+        if start is not None and start.step >= runner.fl.num_rounds:  # a finished run: leave it as it is
+            print(f"nothing to do: {logdir} already holds {start.step} rounds (fl.num_rounds is "
+                  f"{runner.fl.num_rounds}); raise --num_rounds to run more")
+            return [r for r in read_metrics(logdir) if r.get("phase") == "fl"]
+        # -- everything is checked: from here on the logdir changes ----------------------
+        notes += remove_partial_writes(logdir)
+        if start is not None:
+            # rounds logged after the checkpoint are run (and logged) again
+            notes += repair_metrics(logdir / "metrics.jsonl", start.step, unit="round")
+        else:
+            if resume:
+                notes.append(f"--resume: no checkpoint under {logdir / 'checkpoints'}; starting fresh")
+            archived = archive_previous_run(logdir)
+            if archived is not None:
+                notes.append(f"{logdir} held an earlier run: moved its files to {archived} "
+                             "(pass --resume to continue a run instead)")
+        if not keep_partition:
+            runner.partition.save(logdir / PARTITION_FILE)
+        purge_step = None if start is None else start.step + 1
+        with RunLogger(logdir, purge_step=purge_step) as logger:
+            for message in skipped:
+                logger.warning(message)
+            for note in notes:
+                logger.info(note)
+            logger.log_config(config)
+            sim = Simulation(config, logdir, logger=logger, config_path=config_path, runner=runner)
+            try:
+                if start is not None:
+                    sim.resume(start)
+                history = sim.run()
+            except NonFinitePredictions as err:
+                raise NonFinitePredictions(f"the simulation diverged in round {sim.round_idx + 1}: {err}; "
+                                           "lower fl.local_lr and start a fresh run") from None
+            finally:
+                sim.close()
     if print_rounds:
         for row in history:
             print(format_round(row))

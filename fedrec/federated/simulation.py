@@ -23,15 +23,18 @@ import torch
 from tqdm.auto import tqdm
 
 from fedrec.federated.backends import Backend, make_blocks
-from fedrec.federated.client_runner import PARTITION_FILE, ClientStats, build_client_runner  # noqa: F401
+from fedrec.federated.client_runner import PARTITION_FILE, ClientRunner, ClientStats, build_client_runner  # noqa: F401
 from fedrec.federated.config import fl_config_from
 from fedrec.federated.context import RoundContext
 from fedrec.federated.launch import make_backend
 from fedrec.federated.postprocessors import chain_broadcast, run_server_chain
+from fedrec.federated.resume import check_fingerprint, simulation_fingerprint
 from fedrec.federated.update import sum_updates
 from fedrec.federated_worker import Cohort, FederatedWorker, InvalidStateError, Neighbour, NeighbourTable
 from fedrec.utilities import registry
+from fedrec.utilities.checkpoint import LoadedCheckpoint
 from fedrec.utilities.config import ConfigError
+from fedrec.utilities.divergence import check_round
 from fedrec.utilities.logger import BaseLogger, NullLogger
 
 log = logging.getLogger("fedrec")
@@ -44,11 +47,59 @@ class RoundRecord:
     stats: List[ClientStats]
 
 
+def check_topology_and_sampler(fl: Any) -> Any:
+    """The round loop's own config: the topology (star only) and the client sampler."""
+    if fl.topology.get("name", "star") != "star":
+        raise registry.RegistryError(f"fl.topology {fl.topology.get('name')!r} is not supported; known: star")
+    return registry.construct("sampler", fl.sampler)
+
+
+def build_aggregator(runner: ClientRunner, runtime: Any, persistent_storage: Optional[str]) -> FederatedWorker:
+    """The aggregator worker over every client; its server state (the server optimizer)
+    is built now, so that a bad value fails before round 1, naming ``fl.fl_algo``."""
+    fl = runner.fl
+    try:
+        aggregator = runner.algorithm(
+            worker_index=fl.num_workers,
+            roles=["aggregator"],
+            in_neighbours=NeighbourTable(range(fl.num_workers), runner.partition.sizes),
+            runtime=runtime,
+            client_num_per_round=fl.client_num_per_round,
+            persistent_storage=persistent_storage,
+            **runner.algorithm_kwargs,
+        )
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"fl.fl_algo {fl.fl_algo.get('name')!r}: {err}") from None
+    aggregator.role = "aggregator"
+    return aggregator
+
+
+class _DryRuntime:
+    """Just enough of an aggregator's runtime to build the aggregator once, as a check
+    (the replica's weights stand in for the global model; nothing is changed)."""
+
+    def __init__(self, runner: ClientRunner, sampler: Any) -> None:
+        self.seed, self.per_row_embeddings, self.sampler = runner.seed, runner.per_row_embeddings, sampler
+        self._weights = runner.replica
+
+    def get_model(self, worker: FederatedWorker) -> Dict[str, torch.Tensor]:
+        return self._weights
+
+
+def check_simulation(runner: ClientRunner) -> None:
+    """What ``Simulation`` builds beyond a process's runner, checked with no side effects
+    (``fedrec simulate`` calls this before it touches the logdir)."""
+    build_aggregator(runner, _DryRuntime(runner, check_topology_and_sampler(runner.fl)), None)
+
+
 class Simulation:
     """A federated simulation over ``fl.num_workers`` simulated trainers (star topology)."""
 
     def __init__(self, config: Dict[str, Any], logdir: str | Path, logger: Optional[BaseLogger] = None,
-                 config_path: Optional[str] = None, backend: Optional[Backend] = None) -> None:
+                 config_path: Optional[str] = None, backend: Optional[Backend] = None,
+                 runner: Optional[ClientRunner] = None) -> None:
+        """``runner``: one built (and checked) beforehand, its partition already saved in
+        ``logdir`` (``fedrec simulate`` checks everything before it touches the logdir)."""
         self.config = config
         self.fl = fl_config_from(config)
         self.logdir = Path(logdir)
@@ -56,38 +107,26 @@ class Simulation:
         self.logger = logger or NullLogger()
         # Client training runs at fl.client_threads (the backends set it around client
         # work); evaluation here keeps the process's own thread count.
-        if self.fl.topology.get("name", "star") != "star":
-            raise registry.RegistryError(
-                f"fl.topology {self.fl.topology.get('name')!r} is not supported; known: star")
-        self.sampler = registry.construct("sampler", self.fl.sampler)
+        self.sampler = check_topology_and_sampler(self.fl)
 
         start = time.perf_counter()
-        self.runner = build_client_runner(config, self.logdir, config_path, new_partition=True)
+        self.runner = runner or build_client_runner(config, self.logdir, config_path, new_partition=True)
+        self.runner.attach_logdir(self.logdir)
         self.trainer = trainer = self.runner.trainer
         self.partition = self.runner.partition
         labels = np.asarray(trainer.dataset.split("train").label)
-        self.logger.info(f"data, model and partition ({self.fl.partitioner.get('name')}) ready in "
-                         f"{time.perf_counter() - start:.2f}s: {self.partition.describe(labels=labels)}")
+        took = "" if runner is not None else f" in {time.perf_counter() - start:.2f}s"
+        self.logger.info(f"data, model and partition ({self.fl.partitioner.get('name')}) ready{took}: "
+                         f"{self.partition.describe(labels=labels)}")
         self.seed = self.fl.seed
+        self.fingerprint = simulation_fingerprint(config, trainer.dataset)  # checked on resume
         self.per_row_embeddings = self.runner.per_row_embeddings
         self.postprocessors = self.runner.postprocessors
         self.global_state: Dict[str, torch.Tensor] = {
             k: v.detach().clone() for k, v in trainer.model.state_dict().items()
         }
         self.algorithm = self.runner.algorithm
-        try:  # the aggregator builds its server state now: bad values fail before round 1
-            self.aggregator: FederatedWorker = self.algorithm(
-                worker_index=self.fl.num_workers,
-                roles=["aggregator"],
-                in_neighbours=NeighbourTable(range(self.fl.num_workers), self.partition.sizes),
-                runtime=self,
-                client_num_per_round=self.fl.client_num_per_round,
-                persistent_storage=str(self.logdir / "aggregator"),
-                **self.runner.algorithm_kwargs,
-            )
-        except (ValueError, TypeError) as err:
-            raise ConfigError(f"fl.fl_algo {self.fl.fl_algo.get('name')!r}: {err}") from None
-        self.aggregator.role = "aggregator"
+        self.aggregator = build_aggregator(self.runner, self, str(self.logdir / "aggregator"))
         self.backend = backend or make_backend(self.fl.backend, self.runner, config, self.logdir,
                                                processes=self.fl.mpi_processes, config_path=config_path)
         from fedrec.utilities.checkpoint import CheckpointManager
@@ -182,6 +221,7 @@ class Simulation:
                 row[key] = row.get(key, 0.0) + value
         for key in ("bytes_down", "bytes_up", "samples", "clients"):
             self.totals[key] += row[key]
+        check_round(row, self.round_idx + 1)  # nan: stop before evaluating and saving
         if (self.round_idx + 1) % self.fl.eval_every_n_rounds == 0 or self.round_idx + 1 == self.fl.num_rounds:
             eval_start = time.perf_counter()
             row.update(self.evaluate())
@@ -217,19 +257,21 @@ class Simulation:
             "aggregator": self.aggregator.state_dict(),
             "postprocessors": [p.state_dict() for p in self.postprocessors],
             "totals": dict(self.totals),
+            "fingerprint": dict(self.fingerprint),
         }
 
     def save_checkpoint(self) -> None:
         self.saver.save(self.round_idx, self.state_dict())
         self.checkpointed_round = self.round_idx
 
-    def resume(self) -> bool:
-        path = self.saver.latest()
-        if path is None:
+    def resume(self, checkpoint: Optional[LoadedCheckpoint] = None) -> bool:
+        """Continue from ``checkpoint`` or the newest intact one (an unreadable newer file
+        is skipped with a warning); a checkpoint of another config is refused."""
+        checkpoint = checkpoint or self.saver.load_newest_intact(on_skip=self.logger.warning)
+        if checkpoint is None:
             return False
-        from fedrec.utilities.checkpoint import CheckpointManager
-
-        state = CheckpointManager.load(path)
+        check_fingerprint(checkpoint, self.fingerprint)
+        path, state = checkpoint.path, checkpoint.state
         self.update_model(self.aggregator, state["global"])
         self.round_idx = self.checkpointed_round = int(state["round"])
         self.aggregator.load_state_dict(state.get("aggregator", {"extra": state.get("aggregator_extra", {})}))

@@ -55,6 +55,14 @@ class LocalTrainResult:
         return self.loss_sum / self.num_samples if self.num_samples else math.nan
 
 
+def optimizer_kind(optimizer: Any) -> str:
+    """The optimizer's type, e.g. ``SGD`` or ``split(sparse=RowWiseAdagrad, dense=Adam)``."""
+    parts = getattr(optimizer, "optimizers", None)
+    if isinstance(parts, Mapping):
+        return "split(" + ", ".join(f"{k}={optimizer_kind(v)}" for k, v in parts.items()) + ")"
+    return type(optimizer).__name__
+
+
 # A callback sees the trainer after every optimizer step (``on_step(trainer, step)``).
 StepCallback = Callable[["BaseTrainer", int], None]
 
@@ -113,6 +121,7 @@ class BaseTrainer(abc.ABC):
         self.progress = TrainProgress()
         self.callbacks: List[StepCallback] = []
         self.resumed_from: Optional[Path] = None
+        self.resume_notes: List[str] = []  # checkpoints skipped by resume(), for the run log
 
         seed_everything(getattr(train_config, "init_seed", 0))
         self.model: nn.Module = self.build_model().to(self.device)
@@ -217,6 +226,7 @@ class BaseTrainer(abc.ABC):
             "progress": self.progress.as_dict(),
             "rng": pack_rng_state(),
             "fingerprint": dict(self.resume_fingerprint()),
+            "optimizer_kind": optimizer_kind(self.optimizer),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -244,54 +254,67 @@ class BaseTrainer(abc.ABC):
     def resume(self, path: Optional[str | Path] = None) -> bool:
         """Restore the newest loadable checkpoint (or ``path``); False when there is none.
 
-        A checkpoint written with other data settings (see :meth:`resume_fingerprint`) or
-        for another model raises ``ConfigError`` saying what differs.
+        An unreadable newest file is skipped for the one before it; each skip is a
+        warning, also kept in ``resume_notes`` for a logger opened later. A checkpoint
+        written with other data settings (see :meth:`resume_fingerprint`), another
+        optimizer or for another model raises ``ConfigError`` saying what differs.
         """
-        from fedrec.utilities.checkpoint import CheckpointError, CheckpointManager
+        from fedrec.utilities.checkpoint import CheckpointError, CheckpointManager, LoadedCheckpoint
+
+        self.resume_notes = []
+
+        def skipped(message: str) -> None:
+            self.resume_notes.append(message)
+            self.logger.warning(message)
 
         if path is not None:
-            candidates = [Path(path)]
+            loaded = LoadedCheckpoint(-1, Path(path), CheckpointManager.load(path))
         elif self.saver is not None:
-            candidates = [p for _, p in reversed(self.saver.checkpoints())]
-        else:
-            candidates = []
-        if not candidates:
-            return False
-        errors = []
-        for candidate in candidates:
             try:
-                state = CheckpointManager.load(candidate)
+                loaded = self.saver.load_newest_intact(on_skip=skipped)
             except CheckpointError as err:
-                # an unreadable newest file (e.g. a disk filled up): fall back to the one before
-                errors.append(str(err))
-                self.logger.info(f"skipping unreadable checkpoint: {err}")
-                continue
-            self._check_fingerprint(candidate, state.get("fingerprint"))
-            try:
-                self.load_state_dict(state)
-            except (KeyError, RuntimeError, ValueError, TypeError) as err:
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                raise ConfigError(
-                    f"checkpoint {candidate} does not fit this config's model/optimizer ({first}); "
-                    "resume with the config it was written with, or use a new --logdir"
-                ) from err
-            self.resumed_from = candidate
-            self.logger.info(f"resumed from {candidate} at step {self.progress.step} "
-                             f"(epoch {self.progress.epoch}, batch {self.progress.batch_in_epoch})")
-            return True
-        raise ConfigError("no loadable checkpoint to resume from: " + "; ".join(errors))
+                raise ConfigError(f"cannot resume: {err}") from None
+        else:
+            loaded = None
+        if loaded is None:
+            return False
+        candidate, state = loaded.path, loaded.state
+        self._check_fingerprint(candidate, state.get("fingerprint"))
+        self._check_optimizer(candidate, state.get("optimizer_kind"))
+        try:
+            self.load_state_dict(state)
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(
+                f"checkpoint {candidate} does not fit this config's model/optimizer ({first}); "
+                "resume with the config it was written with, or use a new --logdir"
+            ) from err
+        self.resumed_from = candidate
+        self.logger.info(f"resumed from {candidate} at step {self.progress.step} "
+                         f"(epoch {self.progress.epoch}, batch {self.progress.batch_in_epoch})")
+        return True
 
     def _check_fingerprint(self, path: Path, saved: Optional[Mapping[str, Any]]) -> None:
+        from fedrec.utilities.fingerprint import fingerprint_diffs
+
         if not saved:
             return
-        current = self.resume_fingerprint()
-        diffs = [f"{k} {saved[k]!r} -> {current[k]!r}" for k in sorted(saved)
-                 if k in current and saved[k] != current[k]]
+        diffs = fingerprint_diffs(saved, self.resume_fingerprint(), common_only=True)
         if diffs:
             raise ConfigError(
                 f"cannot resume from {path}: it was written with other data settings "
                 f"({'; '.join(diffs)}), so its step and batch position would point at other "
                 "data; resume with the original settings or use a new --logdir"
+            )
+
+    def _check_optimizer(self, path: Path, saved: Optional[str]) -> None:
+        """Another optimizer type would load the old state wrongly or fail mid-step."""
+        current = optimizer_kind(self.optimizer)
+        if saved is not None and saved != current:
+            raise ConfigError(
+                f"cannot resume from {path}: it was written with optimizer {saved}, but this "
+                f"config's train.optimizer builds {current}; resume with the optimizer it was "
+                "written with, or start a fresh run in another --logdir"
             )
 
     def _run_callbacks(self) -> None:

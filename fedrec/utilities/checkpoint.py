@@ -15,12 +15,13 @@ Layout of a checkpoint folder::
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ import torch
 __all__ = [
     "CheckpointError",
     "CheckpointManager",
+    "LoadedCheckpoint",
     "load_checkpoint",
     "save_checkpoint",
     "check_weights_only_safe",
@@ -115,8 +117,11 @@ def _atomic_write(path: Path, write: Any) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None and err.errno is not None:
+            # e.g. a full disk (ENOSPC): say which file could not be written
+            raise OSError(err.errno, err.strerror, str(path)) from err
         raise
 
 
@@ -142,8 +147,15 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any], step: Optional[i
     state = dict(state)
     check_weights_only_safe(state)
     payload = {_MARKER: _FORMAT_VERSION, "step": step, "state": state}
-    _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    _atomic_write(path, lambda tmp: _torch_save(payload, tmp))
     return path
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` through a Python file, so that a failed write (a full disk) raises
+    ``OSError`` with its errno rather than torch's opaque ``RuntimeError``."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def load_checkpoint(path: str | Path) -> Dict[str, Any]:
@@ -183,6 +195,15 @@ def load_checkpoint(path: str | Path) -> Dict[str, Any]:
 
 # --------------------------------------------------------------------------------------
 # manager
+
+
+@dataclasses.dataclass
+class LoadedCheckpoint:
+    """A step checkpoint read back: its step, file and saved state."""
+
+    step: int
+    path: Path
+    state: Dict[str, Any]
 
 
 class CheckpointManager:
@@ -253,6 +274,26 @@ class CheckpointManager:
     def load_latest(self) -> Optional[Dict[str, Any]]:
         path = self.latest()
         return None if path is None else load_checkpoint(path)
+
+    def load_newest_intact(self, on_skip: Optional[Callable[[str], None]] = None
+                           ) -> Optional[LoadedCheckpoint]:
+        """The newest step checkpoint that loads; None when there is none at all.
+
+        An unreadable newer file (truncated by a full disk or a crash of the file system,
+        or corrupt) is skipped for the one before it, and ``on_skip`` gets a line naming
+        it; when no file loads, :class:`CheckpointError` lists them all.
+        """
+        errors = []
+        for step, path in reversed(self.checkpoints()):
+            try:
+                return LoadedCheckpoint(step, path, load_checkpoint(path))
+            except CheckpointError as err:
+                errors.append(str(err))
+                if on_skip is not None:
+                    on_skip(f"skipped unreadable checkpoint {path}: {err}; falling back to the one before it")
+        if errors:
+            raise CheckpointError(f"no loadable checkpoint in {self.directory}: " + "; ".join(errors))
+        return None
 
     def __iter__(self) -> Iterator[Path]:
         return iter(p for _, p in self.checkpoints())

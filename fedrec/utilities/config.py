@@ -1,7 +1,9 @@
 """Experiment configs: a YAML file (``safe_load`` only) plus command-line overrides.
 
 A config is a plain nested dict with the sections ``model``, ``train`` and, for FL
-runs, ``fl`` (see ``configs/dlrm.yml``). Overrides come in two forms:
+runs, ``fl`` (see ``configs/dlrm.yml``); any other top-level section, and a key given
+twice in one mapping, is an error (YAML itself would keep the last value silently).
+Overrides come in two forms:
 
 * the seed's flat flags (``--batch_size 256``), each mapped to one dotted path by
   :data:`FLAG_PATHS`;
@@ -19,7 +21,7 @@ from typing import Any, Dict, Iterable, Mapping, MutableMapping
 
 import yaml
 
-TOP_LEVEL_SECTIONS = ("model", "train", "fl", "data", "log")
+TOP_LEVEL_SECTIONS = ("model", "train", "fl")
 
 # Flat CLI flags of the seed (configs/flags.md of the original project) and where they
 # land in the config tree.
@@ -56,19 +58,64 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message says which key and what to fix."""
 
 
+class _DuplicateKeyError(yaml.constructor.ConstructorError):
+    pass
+
+
+class StrictSafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (plain data only, no code execution) that refuses a key given
+    twice in one mapping, e.g. two ``fl:`` sections. Merge keys (``<<: *base``) may still
+    be overridden, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: Dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: SafeLoader reports it
+                    continue
+                if first is not key_node.start_mark:
+                    raise _DuplicateKeyError(None, None, f"duplicate key {key!r} (first given on "
+                                             f"line {first.line + 1})", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: where and what (PyYAML's own text spans several lines)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(err, "problem", None) or (str(err).strip().splitlines() or ["?"])[0]
+    context = getattr(err, "context", None)
+    return f"{where}: " + (f"{problem} ({context})" if context else problem)
+
+
 def load_yaml(path: str | Path) -> Dict[str, Any]:
-    """Read a YAML mapping with ``yaml.safe_load``; errors name the file and line."""
+    """Read a YAML mapping with :class:`StrictSafeLoader`; errors name the file and line."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; give the path of a YAML file "
+                          "(e.g. configs/dlrm_fl.yml)")
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read: {err.strerror or err}") from None
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{raw[err.start]:02x} at "
+                          f"offset {err.start}); save it as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=StrictSafeLoader)
+    except _DuplicateKeyError as err:
+        raise ConfigError(f"{path}{_yaml_problem(err)}: each key may appear once per section") from None
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}{_yaml_problem(err).replace(': ', ': not valid YAML: ', 1)}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -84,7 +131,9 @@ def load_yaml(path: str | Path) -> Dict[str, Any]:
 def parse_value(text: str) -> Any:
     """Parse a CLI value the way YAML would (``256`` -> int, ``true`` -> bool)."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=StrictSafeLoader)
+    except _DuplicateKeyError as err:
+        raise ConfigError(f"--set value {text!r}{_yaml_problem(err)}") from None
     except yaml.YAMLError:
         return text
 
@@ -144,4 +193,9 @@ def load_config(path: str | Path, sets: Iterable[str] = (), flags: Mapping[str, 
     unknown = sorted(set(config) - set(TOP_LEVEL_SECTIONS))
     if unknown:
         raise ConfigError(f"unknown top-level section(s) {unknown}; expected some of {list(TOP_LEVEL_SECTIONS)}")
+    for name, section in config.items():
+        if section is not None and not isinstance(section, Mapping):
+            raise ConfigError(f"'{name}' must be a section (a mapping of keys such as "
+                              f"{name}.<key>: value), got {section!r}; set one key with "
+                              f"--set {name}.<key>=<value>")
     return config

@@ -136,6 +136,10 @@ class BaseLogger(abc.ABC):
     def close(self) -> None:
         """Flush and release files (idempotent)."""
 
+    def warning(self, msg: str) -> None:
+        """Something the user should notice (a skipped checkpoint, a repaired file)."""
+        self.info(f"warning: {msg}")
+
     def __enter__(self) -> "BaseLogger":
         return self
 
@@ -252,8 +256,11 @@ class RunLogger(BaseLogger):
         record: Dict[str, Any] = {"phase": str(phase), "step": step}
         record.update({str(k): _json_value(v) for k, v in extra.items()})
         record.update({str(k): _json_value(v) for k, v in metrics.items()})
-        self._metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
-        self._metrics_file.flush()
+        try:
+            self._metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
+            self._metrics_file.flush()
+        except OSError as err:  # e.g. a full disk: name the file
+            raise OSError(err.errno, err.strerror, str(self.metrics_path)) from err
 
         if self._writer is not None:
             for name, value in metrics.items():
@@ -279,11 +286,17 @@ class RunLogger(BaseLogger):
     def info(self, msg: str) -> None:
         self._log.info(str(msg))
 
+    def warning(self, msg: str) -> None:
+        self._log.warning(str(msg))
+
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        self._metrics_file.close()
+        try:
+            self._metrics_file.close()
+        except OSError:  # only after a write already failed (and raised), e.g. a full disk
+            pass
         if self._writer is not None:
             self._writer.close()
             self._writer = None

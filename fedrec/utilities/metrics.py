@@ -60,7 +60,9 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray,
     if y.size == 0:
         return {name: math.nan for name in METRIC_NAMES}
     if not np.isfinite(p).all():
-        raise ValueError("compute_metrics: probabilities contain nan or inf")
+        from fedrec.utilities.divergence import NonFinitePredictions
+
+        raise NonFinitePredictions("the model's predicted probabilities contain nan or inf")
 
     pred = (p >= threshold).astype(np.int64)
     two_classes = np.unique(y).size == 2
