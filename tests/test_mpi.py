@@ -294,6 +294,7 @@ def test_killed_worker_stops_the_run_and_resume_finishes_it_identically(referenc
     ({"name": "scaffold"}, "sparse", 3),
     ({"name": "scaffold"}, "dense", 2),
     ({"name": "fed_adam", "server_lr": 0.01}, "dense", 3),
+    ({"name": "fed_prox", "mu": 0.5}, "sparse", 2),
 ])
 def test_server_values_client_state_and_server_optimizers_under_mpi(synthetic_data, tmp_path, fl_algo, mode,
                                                                     processes):
