@@ -45,7 +45,7 @@ def check_output(output: Path, inputs: Iterable[Path]) -> None:
             raise DataError(
                 f"output_file {output} {relation} the input {item}: preprocess replaces its output "
                 f"folder as a whole, so this would delete the input; choose a new folder, e.g. "
-                f"{_suggestion(output, item)}")
+                f"{_suggestion(item)}")
     problem = replace_problem(output)
     if problem is not None:
         raise DataError(
@@ -118,7 +118,7 @@ def _containment(output: Path, item: Path) -> Optional[str]:
     return None
 
 
-def _suggestion(output: Path, item: Path) -> Path:
+def _suggestion(item: Path) -> Path:
     """A fresh output path beside the input, for the message."""
     return item.parent / f"{item.name.split('.')[0] or 'data'}-processed"
 
