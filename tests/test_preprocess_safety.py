@@ -441,6 +441,7 @@ def test_hashing_sizes_tables_by_the_values_that_occur(cfg: Path, raw: Path, tmp
     assert sum(sizes) < 26 * 100 and min(sizes) <= 3  # tiny columns get tiny tables
     np.testing.assert_array_equal(_all_sparse(out), ids)
     assert meta["max_index"] == [s - 1 for s in sizes]
+    assert preprocess(raw, tmp_path / "library", max_ind_range=100, progress=False)["table_sizes"] == sizes
 
     fixed = tmp_path / "fixed"
     assert run(cfg, raw, fixed, "--max_ind_range", "100", "--set", "model.preproc.hash_table_size=fixed") == 0
