@@ -33,10 +33,11 @@ def make_data(workdir: Path, rows: int, max_ind_range: int = -1, seed: int = 0) 
     if not datafile.exists():
         synthesize(rows, str(datafile), seed=seed)
     processed = workdir / f"processed-{max_ind_range}"
+    # fixed: every table gets max_ind_range rows, the table size these benchmarks ask for
     config = load_config(ROOT / "configs" / "dlrm_fl.yml", sets=[
         f"model.preproc.datafile={datafile}", f"model.preproc.output_file={processed}",
-        f"model.preproc.max_ind_range={max_ind_range}", "fl.progress_bar=false",
-        "fl.backend=local"])
+        f"model.preproc.max_ind_range={max_ind_range}", "model.preproc.hash_table_size=fixed",
+        "fl.progress_bar=false", "fl.backend=local"])
     if not (processed / "metadata.json").exists():
         run_preprocess(config, progress=False)
     return config

@@ -1,8 +1,9 @@
 """Preprocessing throughput and peak memory on synthetic Criteo files.
 
 Generates files of 1M and 5M lines (generation is not timed), preprocesses each in a
-fresh subprocess (hashing and vocabulary mode), and prints one JSON line per run with
-lines/s and the child's peak RSS, then one line per mode with the RSS ratio of the
+fresh subprocess (hashing with occurring or fixed table sizes, and vocabulary mode), and
+prints one JSON line per run with lines/s, the child's peak RSS and the total table rows,
+then one line per mode with the RSS ratio of the
 largest to the smallest file: close to 1 means memory does not grow with file length.
 
     .venv/bin/python benchmarks/preprocess.py [--rows 1000000 5000000] [--workdir DIR]
@@ -19,7 +20,11 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-MODES = {"hashing": {"max_ind_range": 10_000_000}, "vocabulary": {"max_ind_range": -1}}
+MODES = {
+    "hashing": {"max_ind_range": 10_000_000},  # tables sized by the hashed values that occur
+    "hashing_fixed": {"max_ind_range": 10_000_000, "hash_table_size": "fixed"},
+    "vocabulary": {"max_ind_range": -1},
+}
 
 _CHILD = """
 import json, resource, sys, time
@@ -43,7 +48,7 @@ baseline = peak_rss_kib()
 start = time.perf_counter()
 meta = preprocess(datafile, output, progress=False, **options)
 elapsed = time.perf_counter() - start
-print(json.dumps({"lines": meta["lines"], "seconds": elapsed,
+print(json.dumps({"lines": meta["lines"], "seconds": elapsed, "table_rows": sum(meta["table_sizes"]),
                   "baseline_rss_mib": baseline / 1024, "peak_rss_mib": peak_rss_kib() / 1024}))
 """
 
@@ -80,6 +85,7 @@ def main(argv: List[str] | None = None) -> None:
                     "lines_per_s": round(stats["lines"] / stats["seconds"]),
                     "peak_rss_mib": round(stats["peak_rss_mib"], 1),
                     "import_rss_mib": round(stats["baseline_rss_mib"], 1),
+                    "table_rows": stats["table_rows"],
                 }), flush=True)
             datafile.unlink()
         for mode, by_rows in peaks.items():

@@ -21,6 +21,7 @@ class DLRMPreprocessor:
         datafile: str = "data/criteo/train.txt",
         output_file: str = "data/criteo/processed",
         max_ind_range: int = -1,
+        hash_table_size: str = "occurring",
         threshold: int = 0,
         dataset_config: Optional[Dict[str, Any]] = None,
         split: str = "auto",
@@ -33,6 +34,7 @@ class DLRMPreprocessor:
         self.datafile = datafile
         self.output_file = output_file
         self.max_ind_range = max_ind_range
+        self.hash_table_size = hash_table_size
         self.threshold = threshold
         self.dataset_config = dict(dataset_config or {"name": "kaggle"})
         self.split = split
@@ -50,34 +52,46 @@ class DLRMPreprocessor:
         return registry.instantiate(cls, section, kind="model.preproc", config_path=config_path)
 
     def preprocess_data(self, progress: bool = True) -> Dict[str, Any]:
-        """Stream ``datafile`` into ``output_file``; returns the metadata written."""
-        from fedrec.data.criteo import preprocess
+        """Stream ``datafile`` into ``output_file``; returns the metadata written.
 
-        return preprocess(
-            self.datafile,
-            self.output_file,
+        Option errors name the config key (``model.preproc.val_fraction``) before any work.
+        """
+        from fedrec.data.criteo import check_options, preprocess
+
+        options = dict(
             max_ind_range=self.max_ind_range,
+            hash_table_size=self.hash_table_size,
             threshold=self.threshold,
             dataset_config=self.dataset_config,
             split=self.split,
             val_fraction=self.val_fraction,
             test_fraction=self.test_fraction,
+        )
+        where = f"{self.config_path}: " if self.config_path else ""
+        check_options(prefix="model.preproc.", where=where, **options)
+        return preprocess(
+            self.datafile,
+            self.output_file,
             skip_bad_lines=self.skip_bad_lines,
             users_file=self.users_file,
             progress=progress,
+            **options,
         )
 
     def load(self):
         """The processed dataset (memory-mapped); a clear error says how to make it."""
         if self._dataset is None:
             from fedrec.data import DataError, ProcessedDataset
+            from fedrec.data.processed import PREPROCESS_HINT
 
             try:
                 self._dataset = ProcessedDataset.open(self.output_file)
-            except DataError as err:
+            except DataError as err:  # one line, with the command for this config
                 config = self.config_path or "<your config>"
-                raise DataError(
-                    f"{err}\nRun first: fedrec preprocess --config {config}"
-                    f"  (reads {self.datafile}, writes {Path(self.output_file)})"
-                ) from None
+                hint = (f"run `fedrec preprocess --config {config}` (reads {self.datafile}, "
+                        f"writes {Path(self.output_file)})")
+                message = str(err)
+                if PREPROCESS_HINT in message:
+                    raise DataError(message.replace(PREPROCESS_HINT, hint)) from None
+                raise DataError(f"{message}; {hint}") from None
         return self._dataset

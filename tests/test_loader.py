@@ -26,7 +26,8 @@ from fedrec.utilities.random_state import derive_seed
 def processed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("loader")
     synthesize(2_000, root / "data.txt", seed=11, num_users=30)
-    preprocess(root / "data.txt", root / "processed", max_ind_range=500, val_fraction=0.1,
+    preprocess(root / "data.txt", root / "processed", max_ind_range=500, hash_table_size="fixed",
+               val_fraction=0.1,
                test_fraction=0.1, progress=False)
     return root / "processed"
 

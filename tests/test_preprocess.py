@@ -79,6 +79,18 @@ def reference_rows(lines: Sequence[str], max_ind_range: int) -> Dict[str, np.nda
     }
 
 
+def reference_compact(sparse: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """The reference DLRM's renumbering: each column's distinct hashed values -> 0..k-1."""
+    out = np.empty_like(sparse)
+    sizes = []
+    for j in range(sparse.shape[1]):
+        distinct = sorted(set(sparse[:, j].tolist()))
+        index = {value: i for i, value in enumerate(distinct)}
+        out[:, j] = [index[v] for v in sparse[:, j].tolist()]
+        sizes.append(len(distinct))
+    return out, sizes
+
+
 def no_leftovers(parent: Path) -> bool:
     return not any(".tmp-" in p.name or ".old-" in p.name for p in parent.iterdir())
 
@@ -86,21 +98,30 @@ def no_leftovers(parent: Path) -> bool:
 # ---------------------------------------------------------------------------- real sample
 
 
-def test_real_sample_rows_values_and_metadata(kaggle_train: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("hash_table_size", ["fixed", "occurring"])
+def test_real_sample_rows_values_and_metadata(kaggle_train: Path, tmp_path: Path,
+                                              hash_table_size: str) -> None:
     out = tmp_path / "processed"
-    meta = preprocess(kaggle_train, out, max_ind_range=1000, progress=False)
+    meta = preprocess(kaggle_train, out, max_ind_range=1000, hash_table_size=hash_table_size,
+                      chunk_bytes=300_000, progress=False)
     lines = kaggle_train.read_text().split("\n")[:-1]
     assert meta["lines"] == len(lines) == 10109
     assert sum(meta["splits"].values()) == len(lines)
     assert meta["splits"] == {"train": 9099, "val": 505, "test": 505}
     assert meta["split_method"] == "fraction"
-    assert meta["table_sizes"] == [1000] * 26
+    expected = reference_rows(lines, 1000)
+    if hash_table_size == "fixed":
+        assert meta["table_sizes"] == [1000] * 26
+    else:  # the reference DLRM: a row per hashed value that occurs, ids renumbered 0..k-1
+        expected["sparse"], sizes = reference_compact(expected["sparse"])
+        assert meta["table_sizes"] == sizes and max(sizes) < 1000 and min(sizes) < 10
+    assert meta["max_index"] == expected["sparse"].max(axis=0).tolist()
     assert meta["source"]["sha256"] == hashlib.sha256(kaggle_train.read_bytes()).hexdigest()
     assert meta["source"]["bytes"] == kaggle_train.stat().st_size
     assert meta["bad_lines_skipped"] == 0 and meta["has_users"] is False
     assert json.loads((out / "metadata.json").read_text()) == meta
 
-    rows, expected = load_rows(out), reference_rows(lines, 1000)
+    rows = load_rows(out)
     assert rows["dense"].dtype == np.float32 and rows["sparse"].dtype == np.int32
     assert rows["label"].dtype == np.float32
     np.testing.assert_array_equal(rows["label"], expected["label"])
@@ -157,7 +178,7 @@ def test_hashing_indices(tmp_path: Path) -> None:
     src = write_lines(tmp_path / "h.txt", [
         make_line(sparse={0: "", 1: "0000000a", 2: "ffffffff", 3: "FFFFFFFFFFFFFFFF", 4: "7"}),
     ])
-    meta = preprocess(src, tmp_path / "out", max_ind_range=7, progress=False)
+    meta = preprocess(src, tmp_path / "out", max_ind_range=7, hash_table_size="fixed", progress=False)
     sparse = load_rows(tmp_path / "out")["sparse"][0]
     assert meta["table_sizes"] == [7] * 26
     assert list(sparse[:5]) == [0, 10 % 7, 0xFFFFFFFF % 7, 0xFFFFFFFFFFFFFFFF % 7, 0]

@@ -55,10 +55,13 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from fedrec.data.errors import DataError
+from fedrec.data.hashing import OccurringValues, renumber_sparse
+from fedrec.data.output import WRITTEN_BY, check_output, clean_leftovers, io_error, replace_problem
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: hashing-mode tables sized by the hashed values that occur; max_index
+READABLE_VERSIONS = (1, 2)  # 1: every hashed table had max_ind_range rows (still valid data)
 NUM_DENSE = 13
 NUM_SPARSE = 26
 DENSE_NAMES = tuple(f"I{i}" for i in range(1, NUM_DENSE + 1))
@@ -101,6 +104,7 @@ def preprocess(
     output_file: str | os.PathLike,
     *,
     max_ind_range: int = -1,
+    hash_table_size: str = "occurring",
     threshold: int = 0,
     dataset_config: Optional[Mapping[str, Any]] = None,
     split: str = "auto",
@@ -114,21 +118,46 @@ def preprocess(
 ) -> Dict[str, Any]:
     """Convert a Criteo TSV (plain or gzip) into a processed folder; returns its metadata.
 
-    ``max_ind_range > 0`` hashes each categorical to ``value % max_ind_range``; otherwise
-    each column gets a vocabulary (index 0 = missing, 1 = values seen fewer than
-    ``threshold`` times when ``threshold > 1``, then the kept values in ascending order).
+    ``max_ind_range > 0`` hashes each categorical to ``value % max_ind_range``; with
+    ``hash_table_size="occurring"`` (the reference DLRM's sizes) each column's hashed values
+    that occur are then renumbered 0..k-1 and its table has k rows, with ``"fixed"`` the
+    hashed value is the index and every table has ``max_ind_range`` rows. Otherwise each
+    column gets a vocabulary (index 0 = missing, 1 = values seen fewer than ``threshold``
+    times when ``threshold > 1``, then the kept values in ascending order).
     ``split="auto"`` uses the reference 7-day split for the full Kaggle file and a tail
     split (``test_fraction`` then ``val_fraction``) otherwise; ``"fraction"`` forces the
-    latter. The folder appears at ``output_file`` only once complete.
+    latter. The folder appears at ``output_file`` only once complete, and replaces only an
+    earlier processed dataset (never the input or other files: a DataError says so).
     """
     source = Path(datafile)
     output = Path(output_file)
-    _check_options(max_ind_range, threshold, split, val_fraction, test_fraction, chunk_bytes,
-                   dataset_config)
+    check_options(max_ind_range=max_ind_range, hash_table_size=hash_table_size, threshold=threshold,
+                  split=split, val_fraction=val_fraction, test_fraction=test_fraction,
+                  chunk_bytes=chunk_bytes, dataset_config=dataset_config)
     if not source.is_file():
         raise DataError(f"data file {source} does not exist (or is not a file)")
     users_path = _find_users_file(source, users_file)
-    parser = _ChunkParser(str(source), has_label, skip_bad_lines)
+    options = {
+        "max_ind_range": max_ind_range, "hash_table_size": hash_table_size, "threshold": threshold,
+        "dataset_config": dict(dataset_config) if dataset_config else None, "split": split,
+        "val_fraction": val_fraction, "test_fraction": test_fraction,
+        "skip_bad_lines": skip_bad_lines, "has_label": has_label,
+    }
+    try:
+        check_output(output, [source] + ([users_path] if users_path is not None else []))
+        clean_leftovers(output)
+        metadata = _preprocess(source, output, users_path, options, chunk_bytes, progress)
+    except OSError as err:
+        raise io_error(err, source, output) from None
+    _warn_empty_splits(output, metadata["splits"], val_fraction, test_fraction)
+    return metadata
+
+
+def _preprocess(source: Path, output: Path, users_path: Optional[Path], options: Dict[str, Any],
+                chunk_bytes: int, progress: bool) -> Dict[str, Any]:
+    """The two passes into ``<output>.tmp-<pid>``, then the swap into place."""
+    max_ind_range = options["max_ind_range"]
+    parser = _ChunkParser(str(source), options["has_label"], options["skip_bad_lines"])
     counter = None if max_ind_range > 0 else _VocabCounter()
 
     scan = _scan(source, parser, counter, chunk_bytes, progress)
@@ -138,11 +167,12 @@ def preprocess(
         _UserIds(users_path, scan.lines).close()  # fail before the long pass, not after
     encoder: _Encoder
     if counter is not None:
-        encoder = _VocabEncoder(counter.kept(threshold), rare_bucket=threshold > 1)
+        encoder = _VocabEncoder(counter.kept(options["threshold"]), rare_bucket=options["threshold"] > 1)
         counter = None  # free the counts; the encoder keeps only the kept values
     else:
-        encoder = _HashEncoder(max_ind_range)
-    method = _split_method(split, scan.lines)
+        encoder = _HashEncoder(max_ind_range, options["hash_table_size"])
+    method = _split_method(options["split"], scan.lines)
+    fractions = options["val_fraction"], options["test_fraction"]
 
     tmp = output.parent / f"{output.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -150,8 +180,7 @@ def preprocess(
         tmp.mkdir(parents=True)
         rows = scan.lines - scan.bad_lines
         result = _write_pass(source, tmp, parser, encoder, users_path, scan.lines,
-                             split_sizes(method, rows, val_fraction, test_fraction),
-                             chunk_bytes, progress)
+                             split_sizes(method, rows, *fractions), chunk_bytes, progress)
         if result.rows != rows:
             # Hashing mode does not parse in the scan, so skipped lines show up only now:
             # the split boundaries depend on the row count, so write again with the true one.
@@ -159,17 +188,11 @@ def preprocess(
                      source, result.bad_lines)
             rows = result.rows
             result = _write_pass(source, tmp, parser, encoder, users_path, scan.lines,
-                                 split_sizes(method, rows, val_fraction, test_fraction),
-                                 chunk_bytes, progress)
+                                 split_sizes(method, rows, *fractions), chunk_bytes, progress)
             if result.rows != rows:
                 raise DataError(f"{source} changed while it was being preprocessed")
-        options = {
-            "max_ind_range": max_ind_range, "threshold": threshold,
-            "dataset_config": dict(dataset_config) if dataset_config else None, "split": split,
-            "val_fraction": val_fraction, "test_fraction": test_fraction,
-            "skip_bad_lines": skip_bad_lines, "has_label": has_label,
-        }
-        metadata = _metadata(source, scan, result, encoder, method, options, users_path)
+        max_index = encoder.finish(tmp, result.max_index, chunk_bytes)
+        metadata = _metadata(source, scan, result, encoder, max_index, method, options, users_path)
         (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
         _commit(tmp, output)
     except BaseException:
@@ -178,14 +201,32 @@ def preprocess(
     return metadata
 
 
-def _metadata(source: Path, scan: "_Scan", result: "_Written", encoder: "_Encoder", method: str,
-              options: Dict[str, Any], users_path: Optional[Path]) -> Dict[str, Any]:
+def _warn_empty_splits(output: Path, splits: Mapping[str, int], val_fraction: float,
+                       test_fraction: float) -> None:
+    """An empty val or test split is allowed, but the user should know before training."""
+    rows = sum(splits.values())
+    for name, fraction in (("val", val_fraction), ("test", test_fraction)):
+        if splits[name]:
+            continue
+        if fraction == 0:
+            why, fix = f"{name}_fraction is 0", f"set model.preproc.{name}_fraction > 0"
+        else:
+            why, fix = f"only {rows} rows", "preprocess more data"
+        log.warning("%s: the %s split is empty (%s), so there will be no %s metrics; to have "
+                    "them, %s and preprocess again", output, name, why, name, fix)
+
+
+def _metadata(source: Path, scan: "_Scan", result: "_Written", encoder: "_Encoder",
+              max_index: List[int], method: str, options: Dict[str, Any],
+              users_path: Optional[Path]) -> Dict[str, Any]:
     """metadata.json: the layout readers check, plus what is needed to reproduce the run."""
     return {
         "format_version": FORMAT_VERSION,
+        "written_by": WRITTEN_BY,
         "num_dense": NUM_DENSE,
         "num_sparse": NUM_SPARSE,
         "table_sizes": encoder.table_sizes,
+        "max_index": max_index,
         "splits": result.splits,
         "split_method": method,
         "options": options,
@@ -197,25 +238,51 @@ def _metadata(source: Path, scan: "_Scan", result: "_Written", encoder: "_Encode
     }
 
 
-def _check_options(max_ind_range: int, threshold: int, split: str, val_fraction: float,
-                   test_fraction: float, chunk_bytes: int,
-                   dataset_config: Optional[Mapping[str, Any]]) -> None:
-    """Refuse option values that would silently produce a wrong dataset."""
-    if not isinstance(max_ind_range, (int, np.integer)) or max_ind_range > np.iinfo(np.int32).max:
-        raise ValueError(f"max_ind_range must be an int < 2**31 (int32 indices), got {max_ind_range!r}")
-    if not isinstance(threshold, (int, np.integer)):
-        raise ValueError(f"threshold must be an int, got {threshold!r}")
+HASH_TABLE_SIZES = ("occurring", "fixed")
+
+
+def check_options(*, max_ind_range: int = -1, hash_table_size: str = "occurring", threshold: int = 0,
+                  split: str = "auto", val_fraction: float = 0.05, test_fraction: float = 0.05,
+                  chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                  dataset_config: Optional[Mapping[str, Any]] = None, prefix: str = "",
+                  where: str = "") -> None:
+    """Refuse option values that would fail late or silently produce a wrong dataset.
+
+    Raises DataError (one line on the command line); ``prefix`` is put before each key
+    (``"model.preproc."``) so the message names it as the user wrote it, after ``where``
+    (the config file).
+    """
+    def fail(key: str, expected: str, value: Any) -> None:
+        raise DataError(f"{where}{prefix}{key} must be {expected}, got {value!r}")
+
+    if not _is_int(max_ind_range) or max_ind_range > np.iinfo(np.int32).max:
+        fail("max_ind_range", "an int below 2**31 = 2147483648 (indices are int32; "
+             "<= 0 means one row per distinct value)", max_ind_range)
+    if hash_table_size not in HASH_TABLE_SIZES:
+        fail("hash_table_size", "'occurring' (a row per hashed value that occurs, like the reference "
+             "DLRM) or 'fixed' (max_ind_range rows per table)", hash_table_size)
+    if not _is_int(threshold):
+        fail("threshold", "an int", threshold)
     if split not in ("auto", "fraction"):
-        raise ValueError(f"split must be 'auto' or 'fraction', got {split!r}")
-    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0.0 <= float(value) < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        fail("split", "'auto' or 'fraction'", split)
+    for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not _is_number(value) or not 0.0 <= float(value) < 1.0:
+            fail(key, "a number in [0, 1)", value)
     if val_fraction + test_fraction >= 1.0:
-        raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction + test_fraction}")
-    if not 1 << 10 <= chunk_bytes <= 1 << 30:
-        raise ValueError(f"chunk_bytes must be between 1 KiB and 1 GiB, got {chunk_bytes}")
+        raise DataError(f"{where}{prefix}val_fraction + {prefix}test_fraction must be < 1 (the rest is the "
+                        f"training split), got {val_fraction} + {test_fraction}")
+    if not _is_int(chunk_bytes) or not 1 << 10 <= chunk_bytes <= 1 << 30:
+        fail("chunk_bytes", "between 1 KiB and 1 GiB", chunk_bytes)
     if dataset_config is not None and not isinstance(dataset_config, Mapping):
-        raise ValueError(f"dataset_config must be a mapping such as {{'name': 'kaggle'}}, got {dataset_config!r}")
+        fail("dataset_config", "a mapping such as {'name': 'kaggle'}", dataset_config)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 def _find_users_file(source: Path, users_file: str | os.PathLike | None) -> Optional[Path]:
@@ -232,7 +299,15 @@ def _find_users_file(source: Path, users_file: str | os.PathLike | None) -> Opti
 
 
 def _commit(tmp: Path, final: Path) -> None:
-    """Move the finished folder into place; an existing one is replaced only now."""
+    """Move the finished folder into place; an earlier dataset is replaced only now.
+
+    What is at ``final`` is checked again: something may have appeared there while the
+    passes ran, and only an earlier processed dataset (or an empty folder) may go.
+    """
+    problem = replace_problem(final)
+    if problem is not None:
+        raise DataError(f"output_file {final} {problem} (it appeared while preprocessing); "
+                        "nothing was changed there. Move it away or choose another output_file")
     if not final.exists():
         os.replace(tmp, final)
         return
@@ -244,10 +319,7 @@ def _commit(tmp: Path, final: Path) -> None:
     except BaseException:
         os.replace(old, final)
         raise
-    if old.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink(missing_ok=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -805,16 +877,44 @@ class _Encoder:
     def encode(self, rows: _Rows) -> np.ndarray:  # int32 [n, 26]
         raise NotImplementedError
 
+    def finish(self, folder: Path, max_index: List[int], chunk_bytes: int) -> List[int]:
+        """Last touches to the written splits in ``folder``; returns the final max index per column."""
+        return max_index
+
 
 class _HashEncoder(_Encoder):
-    """index = hex value modulo ``max_ind_range`` (missing counts as value 0)."""
+    """index = hex value modulo ``max_ind_range`` (missing counts as value 0).
 
-    def __init__(self, max_ind_range: int) -> None:
+    With ``table_size="occurring"`` the written indices are renumbered at the end to
+    0..k-1 per column (k = hashed values that occur) and each table gets k rows, as in
+    the reference DLRM; with ``"fixed"`` every table keeps ``max_ind_range`` rows.
+    """
+
+    def __init__(self, max_ind_range: int, table_size: str = "occurring") -> None:
         self.modulus = np.uint64(max_ind_range)
         self.table_sizes = [int(max_ind_range)] * NUM_SPARSE
+        self.occurring: Optional[List[OccurringValues]] = None
+        if table_size == "occurring":
+            self.occurring = [OccurringValues(max_ind_range) for _ in range(NUM_SPARSE)]
 
     def encode(self, rows: _Rows) -> np.ndarray:
-        return (rows.values % self.modulus).astype(np.int32).T
+        hashed = (rows.values % self.modulus).astype(np.int32)  # [26, n]
+        if self.occurring is not None:  # a second write pass records the same values again
+            for column, occurring in zip(hashed, self.occurring, strict=True):
+                occurring.add(column)
+        return hashed.T
+
+    def finish(self, folder: Path, max_index: List[int], chunk_bytes: int) -> List[int]:
+        if self.occurring is None:
+            return max_index
+        ranks = [occurring.ranks() for occurring in self.occurring]
+        self.occurring = None  # the rank tables hold all that is still needed
+        block_rows = max(1, chunk_bytes // (4 * NUM_SPARSE))
+        for name in SPLIT_NAMES:
+            renumber_sparse(folder / name / "sparse.npy", ranks, block_rows)
+        self.table_sizes = [max(rank.count, 1) for rank in ranks]
+        # ranks keep the order of the hashed values: the largest written one becomes k - 1
+        return [rank.count - 1 if m >= 0 else -1 for rank, m in zip(ranks, max_index, strict=True)]
 
 
 class _VocabEncoder(_Encoder):
@@ -993,6 +1093,7 @@ class _Written:
     rows: int
     bad_lines: int
     splits: Dict[str, int]
+    max_index: List[int]  # largest index written per column (-1: no rows)
 
 
 def _write_pass(path: Path, folder: Path, parser: _ChunkParser, encoder: _Encoder,
@@ -1003,6 +1104,7 @@ def _write_pass(path: Path, folder: Path, parser: _ChunkParser, encoder: _Encode
     users = _UserIds(users_path, lines) if users_path is not None else None
     bar = _progress_bar(path.stat().st_size, f"{path.name}: write", progress)
     seen = bad = 0
+    max_index = np.full(NUM_SPARSE, -1, dtype=np.int64)
     try:
         with contextlib.closing(_blocks(path, parser, chunk_bytes, bar=bar)) as blocks:
             for block, block_lines, table in blocks:
@@ -1014,6 +1116,8 @@ def _write_pass(path: Path, folder: Path, parser: _ChunkParser, encoder: _Encode
                     ids = users.read(block_lines)
                     arrays["user"] = ids if rows.kept is None else ids[rows.kept]
                 writer.write(arrays)
+                if len(rows):
+                    np.maximum(max_index, arrays["sparse"].max(axis=0), out=max_index)
                 seen += block_lines
                 bad += rows.bad_lines
     finally:
@@ -1024,4 +1128,5 @@ def _write_pass(path: Path, folder: Path, parser: _ChunkParser, encoder: _Encode
             bar.close()
     if seen != lines:
         raise DataError(f"{path} changed while it was being preprocessed ({seen} lines, {lines} before)")
-    return _Written(writer.row, bad, {name: int(sizes[name]) for name in SPLIT_NAMES})
+    return _Written(writer.row, bad, {name: int(sizes[name]) for name in SPLIT_NAMES},
+                    [int(m) for m in max_index])

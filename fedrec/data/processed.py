@@ -13,10 +13,10 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from fedrec.data.criteo import FORMAT_VERSION, NUM_DENSE, NUM_SPARSE, SPLIT_NAMES
+from fedrec.data.criteo import NUM_DENSE, NUM_SPARSE, READABLE_VERSIONS, SPLIT_NAMES
 from fedrec.data.errors import DataError
 
-_PREPROCESS_HINT = "run `fedrec preprocess --config <config>` (it writes model.preproc.output_file)"
+PREPROCESS_HINT = "run `fedrec preprocess --config <config>` (it writes model.preproc.output_file)"
 
 
 class ProcessedSplit:
@@ -53,12 +53,12 @@ class ProcessedSplit:
                 array = np.load(path, mmap_mode="r")
             except FileNotFoundError:
                 raise DataError(f"{path} is missing: the processed dataset {folder} is incomplete; "
-                                f"{_PREPROCESS_HINT}") from None
+                                f"{PREPROCESS_HINT}") from None
             except ValueError as err:
-                raise DataError(f"{path} is not a valid .npy file ({err}); {_PREPROCESS_HINT}") from None
+                raise DataError(f"{path} is not a valid .npy file ({err}); {PREPROCESS_HINT}") from None
             if array.dtype != dtype or array.shape != shape:
                 raise DataError(f"{path}: expected {np.dtype(dtype)} {shape}, found {array.dtype} "
-                                f"{array.shape}; {_PREPROCESS_HINT}")
+                                f"{array.shape}; {PREPROCESS_HINT}")
             arrays[key] = array
         return cls(name, arrays["dense"], arrays["sparse"], arrays["label"], arrays.get("user"))
 
@@ -81,14 +81,14 @@ class ProcessedDataset:
         path = Path(path)
         meta_path = path / "metadata.json"
         if not path.is_dir():
-            raise DataError(f"processed dataset {path} does not exist; {_PREPROCESS_HINT}")
+            raise DataError(f"processed dataset {path} does not exist; {PREPROCESS_HINT}")
         if not meta_path.is_file():
             raise DataError(f"{meta_path} is missing, so {path} is not a finished processed dataset; "
-                            f"{_PREPROCESS_HINT}")
+                            f"{PREPROCESS_HINT}")
         try:
             metadata = json.loads(meta_path.read_text())
         except json.JSONDecodeError as err:
-            raise DataError(f"{meta_path} is not valid JSON ({err}); {_PREPROCESS_HINT}") from None
+            raise DataError(f"{meta_path} is not valid JSON ({err}); {PREPROCESS_HINT}") from None
         _check_metadata(metadata, meta_path)
         return cls(path, metadata)
 
@@ -102,7 +102,11 @@ class ProcessedDataset:
         if name not in SPLIT_NAMES:
             raise DataError(f"unknown split {name!r}; expected one of {', '.join(SPLIT_NAMES)}")
         if name not in self._splits:
-            self._splits[name] = ProcessedSplit.open(self.path, name, self.splits[name], self.has_users)
+            split = ProcessedSplit.open(self.path, name, self.splits[name], self.has_users)
+            if "max_index" not in self.metadata:  # format 1 did not record it: look
+                _check_indices(_column_max(split.sparse), self.table_sizes, self.path / "metadata.json",
+                               f"the {name} split")
+            self._splits[name] = split
         return self._splits[name]
 
     def __repr__(self) -> str:
@@ -110,21 +114,56 @@ class ProcessedDataset:
 
 
 def _check_metadata(metadata: Any, meta_path: Path) -> None:
-    """Refuse metadata from another format version or with missing keys."""
+    """Refuse metadata from another format version, with missing keys or wrong table sizes."""
     if not isinstance(metadata, dict):
-        raise DataError(f"{meta_path}: expected a JSON object; {_PREPROCESS_HINT}")
+        raise DataError(f"{meta_path}: expected a JSON object; {PREPROCESS_HINT}")
     version = metadata.get("format_version")
-    if version != FORMAT_VERSION:
-        raise DataError(f"{meta_path}: format_version {version!r}, but this fedrec reads version "
-                        f"{FORMAT_VERSION}; re-create it: {_PREPROCESS_HINT}")
+    if version not in READABLE_VERSIONS:
+        raise DataError(f"{meta_path}: format_version {version!r}, but this fedrec reads versions "
+                        f"{', '.join(map(str, READABLE_VERSIONS))}; re-create it: {PREPROCESS_HINT}")
     missing = [k for k in ("num_dense", "num_sparse", "table_sizes", "splits") if k not in metadata]
     if missing:
-        raise DataError(f"{meta_path}: missing key(s) {missing}; {_PREPROCESS_HINT}")
+        raise DataError(f"{meta_path}: missing key(s) {missing}; {PREPROCESS_HINT}")
     if metadata["num_dense"] != NUM_DENSE or metadata["num_sparse"] != NUM_SPARSE:
         raise DataError(f"{meta_path}: expected {NUM_DENSE} dense and {NUM_SPARSE} sparse features, "
                         f"found {metadata['num_dense']} and {metadata['num_sparse']}")
-    if len(metadata["table_sizes"]) != NUM_SPARSE:
-        raise DataError(f"{meta_path}: expected {NUM_SPARSE} table_sizes, found {len(metadata['table_sizes'])}")
-    absent = [s for s in SPLIT_NAMES if s not in metadata["splits"]]
+    sizes = _int_list(metadata["table_sizes"], meta_path, "table_sizes", minimum=1)
+    if "max_index" in metadata:
+        max_index = _int_list(metadata["max_index"], meta_path, "max_index", minimum=-1)
+        _check_indices(max_index, sizes, meta_path, "the data")
+    splits = metadata["splits"]
+    absent = [s for s in SPLIT_NAMES if not isinstance(splits, dict) or s not in splits]
     if absent:
-        raise DataError(f"{meta_path}: splits lack {absent}; {_PREPROCESS_HINT}")
+        raise DataError(f"{meta_path}: splits lack {absent}; {PREPROCESS_HINT}")
+
+
+def _int_list(value: Any, meta_path: Path, key: str, minimum: int) -> List[int]:
+    """``value`` as NUM_SPARSE ints >= ``minimum``, or a DataError naming the key."""
+    if not isinstance(value, list) or len(value) != NUM_SPARSE:
+        found = f"{len(value)} entries" if isinstance(value, list) else repr(value)
+        raise DataError(f"{meta_path}: expected {NUM_SPARSE} {key} (one per categorical column), "
+                        f"found {found}; the metadata was edited or comes from another program: "
+                        f"{PREPROCESS_HINT}")
+    for j, item in enumerate(value):
+        if not isinstance(item, int) or isinstance(item, bool) or item < minimum:
+            raise DataError(f"{meta_path}: {key}[{j}] (column C{j + 1}) must be an integer >= {minimum}, "
+                            f"got {item!r}; {PREPROCESS_HINT}")
+    return value
+
+
+def _check_indices(max_index: List[int], table_sizes: List[int], meta_path: Path, where: str) -> None:
+    """Every index in the data must have a row in its table: say which table is too small."""
+    for j, (largest, size) in enumerate(zip(max_index, table_sizes, strict=True)):
+        if largest >= size:
+            raise DataError(
+                f"{meta_path}: table_sizes[{j}] (column C{j + 1}) is {size}, but {where} holds index "
+                f"{largest} in that column (it needs at least {largest + 1} rows); the metadata was "
+                f"edited or does not belong to these arrays: {PREPROCESS_HINT}")
+
+
+def _column_max(sparse: np.ndarray, block_rows: int = 1 << 20) -> List[int]:
+    """Largest index per column of a memory-mapped [n, 26] array, a block at a time."""
+    largest = np.full(sparse.shape[1], -1, dtype=np.int64)
+    for start in range(0, len(sparse), block_rows):
+        np.maximum(largest, sparse[start:start + block_rows].max(axis=0), out=largest)
+    return [int(m) for m in largest]

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from fedrec.data.criteo import DENSE_NAMES, NUM_DENSE, NUM_SPARSE, SPARSE_NAMES
+from fedrec.data.errors import DataError
 
 GENERATOR_VERSION = 1
 BLOCK_ROWS = 100_000  # fixed: the output must not depend on how it was cut into blocks
@@ -68,7 +69,7 @@ def synthesize(
     _check(rows, num_users, zipf_a, missing_rate, target_ctr, user_share)
     sizes = tuple(int(v) for v in (vocab_sizes if vocab_sizes is not None else DEFAULT_VOCAB_SIZES))
     if len(sizes) != NUM_SPARSE or min(sizes) < 1:
-        raise ValueError(f"vocab_sizes needs {NUM_SPARSE} positive ints, got {vocab_sizes!r}")
+        raise DataError(f"synthetic data: vocab_sizes needs {NUM_SPARSE} positive ints, got {vocab_sizes!r}")
     world = _World.create(seed, num_users, sizes, zipf_a, missing_rate, user_share)
     world.calibrate(target_ctr, np.random.default_rng([seed, 2]))
 
@@ -109,18 +110,18 @@ def synthesize(
 
 def _check(rows: int, num_users: int, zipf_a: float, missing_rate: float, target_ctr: float,
            user_share: float) -> None:
-    if rows < 0:
-        raise ValueError(f"rows must be >= 0, got {rows}")
-    if num_users < 1:
-        raise ValueError(f"num_users must be >= 1, got {num_users}")
-    if zipf_a <= 0:
-        raise ValueError(f"zipf_a must be > 0, got {zipf_a}")
-    if not 0 <= missing_rate < 0.5:
-        raise ValueError(f"missing_rate must be in [0, 0.5), got {missing_rate}")
-    if not 0 < target_ctr < 1:
-        raise ValueError(f"target_ctr must be in (0, 1), got {target_ctr}")
-    if not 0 <= user_share <= 1:
-        raise ValueError(f"user_share must be in [0, 1], got {user_share}")
+    """Refuse parameters that cannot make a usable file (DataError: one line on the CLI)."""
+    problems = [
+        (rows >= 1, f"rows must be >= 1 (the number of lines to write), got {rows}"),
+        (num_users >= 1, f"num_users must be >= 1, got {num_users}"),
+        (zipf_a > 0, f"zipf_a must be > 0, got {zipf_a}"),
+        (0 <= missing_rate < 0.5, f"missing_rate must be in [0, 0.5), got {missing_rate}"),
+        (0 < target_ctr < 1, f"target_ctr must be in (0, 1), got {target_ctr}"),
+        (0 <= user_share <= 1, f"user_share must be in [0, 1], got {user_share}"),
+    ]
+    for ok, message in problems:
+        if not ok:
+            raise DataError(f"synthetic data: {message}")
 
 
 @dataclass
