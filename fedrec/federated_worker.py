@@ -192,6 +192,12 @@ class FederatedWorker(abc.ABC):
                                     f"got {cls.aggregation!r}")
         return cls.aggregation
 
+    @classmethod
+    def check_config(cls, values: Mapping[str, Any], fl: Any) -> None:
+        """Checks of ``fl.fl_algo``'s values (already type-checked) that need other keys or
+        the ``fl`` section, such as Krum's f against the cohort size: raise ``ValueError``
+        naming the key. Runs before anything is written to the logdir."""
+
     def __init__(
         self,
         worker_index: int,

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from fedrec.federated.preflight import check_simulation_config
 from fedrec.federated.simulation import Simulation
 
 
@@ -24,6 +25,7 @@ def run_simulation(config: Dict[str, Any], logdir: str | Path, resume: bool = Fa
     from fedrec.runner import archive_previous_run, truncate_metrics
     from fedrec.utilities.checkpoint import CheckpointManager
 
+    check_simulation_config(config)  # a bad config leaves the logdir untouched
     logdir = Path(logdir)
     resume_round = CheckpointManager(logdir / "checkpoints").latest_step() if resume else None
     notes = []
