@@ -18,8 +18,10 @@ Prints JSON lines:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -89,7 +91,8 @@ def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp)
-        config = base_config(workdir, args.rows, args.rounds, args.eval_every)
+        with contextlib.redirect_stdout(sys.stderr):  # preprocessing reports; stdout is JSON lines
+            config = base_config(workdir, args.rows, args.rounds, args.eval_every)
         config["fl"]["embedding_updates"] = args.embedding_updates
         from fedrec.runner import build_trainer
 
