@@ -8,6 +8,7 @@ from fedrec.federated import (  # noqa: F401  (registrations)
     partition,
     postprocessors,
     qffl,
+    robust,
     samplers,
     scaffold,
 )

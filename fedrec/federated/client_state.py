@@ -22,7 +22,6 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-import torch
 from torch import Tensor
 
 STATE_DIR = "client_state"

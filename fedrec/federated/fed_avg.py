@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any, Dict, List, Mapping, Optional
 
-import numpy as np
 import pydantic
 import torch
 
