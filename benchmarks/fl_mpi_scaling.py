@@ -1,10 +1,10 @@
-"""Seconds per federated round: the local backend against 1 and 2 MPI worker processes.
+"""Seconds per federated round: the local backend against 1 and 2 MPI processes.
 
 The task is the demo DLRM of configs/dlrm_fl.yml on synthetic Criteo-format rows
 generated into a temporary folder (200k by default; generation and preprocessing are
 not timed): 1000 simulated workers, 100 per round, a few rounds. Each configuration
 runs as its own ``fedrec simulate`` (under ``mpiexec -n K python -m mpi4py.futures`` for
-K-1 worker processes), with the project's defaults; the first round is skipped as
+K-1 MPI processes), with the project's defaults; the first round is skipped as
 warm-up, and the time of a round is its training plus its evaluation on the
 validation split (``round_seconds + eval_seconds`` in metrics.jsonl), the median over
 the timed rounds. With ``--repeats R`` the configurations run in turn R times and each
@@ -83,7 +83,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--num_workers", type=int, default=1000)
     parser.add_argument("--client_num_per_round", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=5, help="rounds per run, the first is warm-up")
-    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="MPI worker processes to try")
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="MPI processes to try")
     parser.add_argument("--repeats", type=int, default=1, help="run every configuration this many times")
     parser.add_argument("--workdir", help="keep data and runs here (default: a temporary folder)")
     args = parser.parse_args(argv)

@@ -179,7 +179,7 @@ def user_error(err: BaseException, args: argparse.Namespace) -> Optional[Tuple[i
     """
     from fedrec.data.errors import DataError
     from fedrec.federated.client_runner import ClientError
-    from fedrec.federated.mpi_backend import WorkerProcessError
+    from fedrec.federated.mpi_backend import MPIProcessError
     from fedrec.utilities.checkpoint import CheckpointError
     from fedrec.utilities.divergence import DivergedError
     from fedrec.utilities.registry import ConfigTypeError, RegistryError
@@ -189,10 +189,10 @@ def user_error(err: BaseException, args: argparse.Namespace) -> Optional[Tuple[i
     resumable = args.command in ("train", "simulate")
     if isinstance(err, KeyboardInterrupt):
         return 130, f"{command}: interrupted" + (f"; resume with: {resume_command(args)}" if resumable else "")
-    if isinstance(err, (ClientError, WorkerProcessError)) and _client_diverged(err):
+    if isinstance(err, (ClientError, MPIProcessError)) and _client_diverged(err):
         return 2, (f"{command}: error: the simulation diverged: {err}; lower fl.local_lr (or the local "
                    "optimizer's lr) and start a fresh run")
-    if isinstance(err, (ClientError, WorkerProcessError)):
+    if isinstance(err, (ClientError, MPIProcessError)):
         # the message names the rank, round and client; the last round's checkpoint is intact
         return 1, (f"{command}: a client failed: {err}\n  the last round's checkpoint is intact: "
                    f"fix the cause and resume with: {resume_command(args)}")

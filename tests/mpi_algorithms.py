@@ -1,7 +1,7 @@
 """FedAvg variants that fail on purpose, for tests/test_mpi.py.
 
 A config names this module in ``fl.imports: [tests.mpi_algorithms]`` so that every MPI
-worker process imports it (and registers the algorithms) before it looks one up. Both
+MPI process imports it (and registers the algorithms) before it looks one up. Both
 do FedAvg's maths unchanged when they do not fail.
 """
 

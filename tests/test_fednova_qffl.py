@@ -422,7 +422,7 @@ def test_resume_is_exact(config, tmp_path, algo):
 # -- MPI ---------------------------------------------------------------------------------------
 @needs_mpi
 def test_qfedavg_under_mpi_gives_the_local_result_bit_for_bit(synthetic_data, tmp_path):
-    """Sparse mode, 2 worker processes: per-process pre-reduction of uploads and h_k."""
+    """Sparse mode, 2 MPI processes: per-process pre-reduction of uploads and h_k."""
     from fedrec.federated.run import run_simulation
 
     config = mpi_config(synthetic_data["config"], backend="local", num_rounds=2, embedding_updates="sparse",

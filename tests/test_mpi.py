@@ -26,7 +26,7 @@ import yaml
 
 from fedrec.federated.backends import assign_blocks, make_blocks
 from fedrec.federated.launch import make_backend
-from fedrec.federated.mpi_backend import MPIUnavailableError, pack, report_crashed_workers, unpack
+from fedrec.federated.mpi_backend import MPIUnavailableError, pack, report_crashed_processes, unpack
 from fedrec.utilities.checkpoint import CheckpointManager
 from fedrec.utilities.logger import read_metrics
 
@@ -208,20 +208,20 @@ def test_crash_markers_are_reported_once(tmp_path):
     (tmp_path / "mpi").mkdir()
     (tmp_path / "mpi" / "rank-2.json").write_text(json.dumps(
         {"rank": 2, "pid": 99, "host": "h", "round": 4, "clients": list(range(12))}))
-    (message,) = report_crashed_workers(tmp_path)
+    (message,) = report_crashed_processes(tmp_path)
     assert "rank 2 (pid 99 on h)" in message and "round 4" in message and "2 more" in message
-    assert report_crashed_workers(tmp_path) == []
+    assert report_crashed_processes(tmp_path) == []
 
 
 # -- real MPI runs ---------------------------------------------------------------------------
 @needs_mpi
 @pytest.mark.parametrize("processes", [2, 3, 4])
 def test_mpi_gives_the_local_result_bit_for_bit(reference, tmp_path, processes):
-    """1, 2 and 3 worker processes: every round's metrics and the final weights."""
+    """1, 2 and 3 MPI processes: every round's metrics and the final weights."""
     config = copy.deepcopy(reference["config"])
     config["fl"]["backend"] = "auto"  # mpi, as launched under mpi4py.futures
     result = simulate(config, tmp_path / "mpi", processes=processes)
-    assert f"mpi backend: {processes - 1} worker processes (direct channel)" in result.stderr + result.stdout
+    assert f"mpi backend: {processes - 1} MPI processes (direct channel)" in result.stderr + result.stdout
     assert_same_run(reference["logdir"], tmp_path / "mpi")
     assert not list((tmp_path / "mpi" / "mpi").glob("rank-*.json"))  # no markers left
 

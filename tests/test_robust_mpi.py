@@ -37,5 +37,5 @@ def test_robust_aggregators_under_mpi_give_the_local_result(local_runs, tmp_path
     config, reference = local_runs[case]
     config = dict(config, fl={**config["fl"], "backend": "auto"})
     result = simulate(config, tmp_path / "mpi", processes=processes)
-    assert f"mpi backend: {processes - 1} worker processes" in result.stderr + result.stdout
+    assert f"mpi backend: {processes - 1} MPI processes" in result.stderr + result.stdout
     assert_same_run(reference, tmp_path / "mpi")

@@ -202,8 +202,8 @@ def test_spawn_mode_worker_killed_is_reported_and_resume_finishes_identically(co
     status, _, err = finish(start_fedrec("simulate", "--config", cfg, "--logdir", logdir,
                                          "--backend", "mpi", "--set", "fl.mpi_processes=1"))
     assert status == 1 and "Traceback" not in err, err
-    killed = int(once.read_text())  # the client whose worker process killed itself
-    assert "an MPI worker process died during round 1 (0-based) and MPI stopped the whole job (SIGKILL)" in err
+    killed = int(once.read_text())  # the client whose MPI process killed itself
+    assert "an MPI process died during round 1 (0-based) and MPI stopped the whole job (SIGKILL)" in err
     named = err.split("workers mid-round: rank 0 (pid ", 1)[1].split("clients [", 1)[1].split("]")[0]
     assert killed in [int(c) for c in named.split(",")]
     resume = (f"resume with: fedrec simulate --config {cfg} --logdir {logdir} --backend mpi "

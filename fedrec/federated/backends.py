@@ -50,7 +50,7 @@ def torch_threads(count: int) -> Iterator[None]:
 
     Client training runs at ``fl.client_threads`` in every backend: a matmul's float
     sums may depend on how many threads split it, and the local backend must give the
-    same bits as MPI worker processes (which run at that count all the time).
+    same bits as MPI processes (which run at that count all the time).
     """
     previous = torch.get_num_threads()
     if previous != count:

@@ -33,7 +33,7 @@ class FLConfig(pydantic.BaseModel):
     embedding_aggregation: Literal["dense_equivalent", "per_row"] = "dense_equivalent"
     seed: int = 0
     reduce_blocks: int = pydantic.Field(12, ge=1)  # fixed reduction blocks: same sums for any #processes
-    mpi_processes: Optional[int] = pydantic.Field(None, ge=1)  # worker processes to use (default: all)
+    mpi_processes: Optional[int] = pydantic.Field(None, ge=1)  # MPI processes to use (default: all)
     # torch threads for client training, the same in every backend (matmul sums may
     # depend on the thread count, so this keeps local and MPI results bit-identical)
     client_threads: int = pydantic.Field(1, ge=1)

@@ -33,10 +33,10 @@ def make_backend(name: str, runner: ClientRunner, config: Dict[str, Any], logdir
     check_launch()
     if name == "auto":
         name = "mpi" if launched_under_mpi_futures() else "local"
-    from fedrec.federated.mpi_backend import MPIBackend, report_crashed_workers
+    from fedrec.federated.mpi_backend import MPIBackend, report_crashed_processes
 
     if name == "local":
-        for message in report_crashed_workers(Path(logdir)):  # an earlier MPI run's
+        for message in report_crashed_processes(Path(logdir)):  # an earlier MPI run's
             log.warning(message)
         return LocalBackend(runner, threads=runner.fl.client_threads)
     # Sparse mode: each process downloads the MLPs and only its clients' embedding rows.

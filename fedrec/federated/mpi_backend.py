@@ -1,12 +1,12 @@
-"""The ``mpi`` backend: client work on MPI worker processes through ``mpi4py.futures``.
+"""The ``mpi`` backend: client work on MPI processes through ``mpi4py.futures``.
 
 Launch with ``mpiexec -n K python -m mpi4py.futures train_fl.py ...`` (rank 0 runs the
 simulation, ranks 1..K-1 serve it; see docs/mpi.md), or set ``fl.backend: mpi`` in a
-plain run to spawn ``fl.mpi_processes`` workers. Each worker process builds its own
+plain run to spawn ``fl.mpi_processes`` MPI processes. Each MPI process builds its own
 model replica and opens the memory-mapped data once (pool initializer); the data are
 never shipped.
 
-A round is one task per worker process, carrying its blocks of clients (balanced by
+A round is one task per MPI process, carrying its blocks of clients (balanced by
 sample count, ``assign_blocks``). The global weights travel once per process and round,
 and each process replies once: the summed update of each of its blocks (linear
 algorithms) or every client's model. The fixed blocks make the sums, and so the
@@ -21,7 +21,7 @@ pool polls with sleeps (``MPI4PY_FUTURES_BACKOFF``, 1 ms), so that idle processe
 the CPU to the busy ones, but a large message then moves one MPI progress step per
 poll (about 8 KB per millisecond with MPICH's shared-memory transport: 2 s for 14 MB).
 Rank 0 waits for the round the same way, sleeping between probes, so it does not take
-CPU from the workers. Spawned workers (no shared ``COMM_WORLD``) send the same packed
+CPU from the MPI processes. Spawned processes (no shared ``COMM_WORLD``) send the same packed
 buffers through the futures instead.
 """
 
@@ -66,8 +66,11 @@ class MPIUnavailableError(RegistryError):
     """``fl.backend: mpi`` without mpi4py (or without an MPI library)."""
 
 
-class WorkerProcessError(RuntimeError):
-    """A client failed on an MPI worker process; names the rank, round and client."""
+class MPIProcessError(RuntimeError):
+    """A client failed on an MPI process; names the rank, round and client."""
+
+
+WorkerProcessError = MPIProcessError  # the name before "worker" was kept for simulated clients
 
 
 # -- packing: tensors as one flat byte buffer ----------------------------------------------
@@ -172,14 +175,14 @@ def _recv_packed(comm: Any, source: int, tag: int) -> Packed:
     return Packed(header, specs, data)
 
 
-# -- worker processes -------------------------------------------------------------------
+# -- MPI processes -------------------------------------------------------------------
 def _rank() -> int:
     from mpi4py import MPI
 
     return MPI.COMM_WORLD.Get_rank()
 
 
-def _init_worker(config: Dict[str, Any], logdir: str, config_path: Optional[str]) -> None:
+def _init_process(config: Dict[str, Any], logdir: str, config_path: Optional[str]) -> None:
     """Pool initializer: one replica, the data and the partition, once per process."""
     global _RUNNER
     from fedrec.federated.client_runner import build_client_runner
@@ -200,7 +203,7 @@ def _marker_path(logdir: str, rank: int) -> Path:
 
 def _run_job(job: RoundJob, logdir: str, token: Optional[Tuple[int, int]], weights: Optional[Packed]
              ) -> Tuple[Optional[Packed], Dict[str, float]]:
-    """Runs on a worker process; records what it is doing, so that a crash can be named.
+    """Runs on an MPI process; records what it is doing, so that a crash can be named.
 
     With ``token`` (round, job) the weights come and the result goes over the direct
     channel, and only timings return through the future; otherwise ``weights`` came in
@@ -215,7 +218,7 @@ def _run_job(job: RoundJob, logdir: str, token: Optional[Tuple[int, int]], weigh
                                   "round": job.round_idx, "clients": clients}))
     try:  # an error is reported through the future; only a killed process leaves the marker
         if _RUNNER is None:
-            raise WorkerProcessError(f"rank {rank}: worker process was not initialised")
+            raise MPIProcessError(f"rank {rank}: MPI process was not initialised")
         comm = None
         if token is not None:
             from mpi4py import MPI
@@ -230,7 +233,7 @@ def _run_job(job: RoundJob, logdir: str, token: Optional[Tuple[int, int]], weigh
         try:
             result = _RUNNER.run_job(job)
         except Exception as err:  # re-raised on rank 0; the message names the round and client
-            raise WorkerProcessError(f"rank {rank}: {err}") from None
+            raise MPIProcessError(f"rank {rank}: {err}") from None
         computed = time.perf_counter()
         packed: Optional[Packed] = pack(result)
         if comm is not None:
@@ -245,7 +248,7 @@ def _run_job(job: RoundJob, logdir: str, token: Optional[Tuple[int, int]], weigh
 
 
 def read_crash_markers(logdir: Path) -> List[Dict[str, Any]]:
-    """What each worker process left mid-round (rank, pid, host, round, clients), by rank."""
+    """What each MPI process left mid-round (rank, pid, host, round, clients), by rank."""
     found = []
     for path in sorted((Path(logdir) / "mpi").glob("rank-*.json")):
         try:
@@ -262,8 +265,8 @@ def describe_clients(clients: Sequence[int]) -> str:
     return f"{list(clients[:10])}{more}"
 
 
-def report_crashed_workers(logdir: Path) -> List[str]:
-    """Messages for worker processes that were mid-round when an earlier run stopped
+def report_crashed_processes(logdir: Path) -> List[str]:
+    """Messages for MPI processes that were mid-round when an earlier run stopped
     (a process killed, or the whole job aborted because one died); clears the markers."""
     messages = [
         f"an earlier run stopped while MPI rank {info['rank']} (pid {info['pid']} on {info['host']}) "
@@ -277,7 +280,7 @@ def report_crashed_workers(logdir: Path) -> List[str]:
 
 # -- rank 0 -------------------------------------------------------------------------------
 def _mpiexec_on_path() -> None:
-    """Spawning workers needs ``mpiexec`` on PATH; the mpich wheel puts it beside python."""
+    """Spawning MPI processes needs ``mpiexec`` on PATH; the mpich wheel puts it beside python."""
     if shutil.which("mpiexec") is None:
         here = Path(sys.executable).parent
         if (here / "mpiexec").exists():
@@ -285,11 +288,11 @@ def _mpiexec_on_path() -> None:
 
 
 def _evaluate_with_all_cores() -> None:
-    """Rank 0 evaluates while the workers wait: let it use the cores it may run on.
+    """Rank 0 evaluates while the MPI processes wait: let it use the cores it may run on.
 
     Under mpiexec, OpenMP runtimes start each process with one thread; a plain process
     (the local backend) has one per core. Client training is unaffected (it runs on the
-    workers, at ``fl.client_threads``). An explicit OMP_NUM_THREADS is respected.
+    MPI processes, at ``fl.client_threads``). An explicit OMP_NUM_THREADS is respected.
     """
     if "OMP_NUM_THREADS" in os.environ or not hasattr(os, "sched_getaffinity"):
         return
@@ -333,9 +336,9 @@ class MPIBackend(Backend):
         self.rows_for = rows_for  # sparse mode: the embedding rows a group of clients uses
         self.logdir = Path(logdir)
         self.sizes = np.asarray(client_sizes)
-        for message in report_crashed_workers(self.logdir):
+        for message in report_crashed_processes(self.logdir):
             log.warning(message)
-        # The direct channel needs COMM_WORLD shared with the workers (python -m
+        # The direct channel needs COMM_WORLD shared with the MPI processes (python -m
         # mpi4py.futures) and MPI calls from two threads (the pool's and ours).
         self.direct = launched_under_mpi_futures() and MPI.Query_thread() == MPI.THREAD_MULTIPLE
         if launched_under_mpi_futures():
@@ -347,15 +350,15 @@ class MPIBackend(Backend):
                                 else (os.cpu_count() or 1))
         self.executor = MPIPoolExecutor(
             max_workers=processes,
-            initializer=_init_worker,
+            initializer=_init_process,
             initargs=(config, str(self.logdir), config_path),
         )
-        self.processes = self._count_workers(processes)
+        self.processes = self._count_processes(processes)
         self.last_timings: List[Dict[str, float]] = []
-        log.info("mpi backend: %d worker processes (%s)", self.processes,
+        log.info("mpi backend: %d MPI processes (%s)", self.processes,
                  "direct channel" if self.direct else "data through mpi4py.futures")
 
-    def _count_workers(self, requested: Optional[int]) -> int:
+    def _count_processes(self, requested: Optional[int]) -> int:
         num = getattr(self.executor, "num_workers", None)
         if num is None:  # older mpi4py
             num = max(self.MPI.COMM_WORLD.Get_size() - 1, 1)
@@ -386,7 +389,7 @@ class MPIBackend(Backend):
             timings.append(timing)
             results.append(unpack(received[index] if self.direct else packed))
         if errors:
-            raise WorkerProcessError("; ".join(_describe(e) for e in errors)) from errors[0]
+            raise MPIProcessError("; ".join(_describe(e) for e in errors)) from errors[0]
         self.last_timings = timings
         if log.isEnabledFor(logging.DEBUG):
             log.debug("round %d on %d processes: %s", round_idx, len(groups),
@@ -411,7 +414,7 @@ class MPIBackend(Backend):
 
     def _serve(self, futures: Sequence[Any], weights: List[Packed], round_idx: int) -> Dict[int, Packed]:
         """Rank 0 during a round: send the weights to each worker that asks, receive each
-        result; sleep between probes (up to 1 ms) so that the workers have the CPU."""
+        result; sleep between probes (up to 1 ms) so that the MPI processes have the CPU."""
         MPI = self.MPI
         comm = MPI.COMM_WORLD
         status = MPI.Status()
@@ -422,7 +425,7 @@ class MPIBackend(Backend):
                 source = status.Get_source()
                 token = comm.recv(source=source, tag=TAG_REQUEST)
                 if token[0] != round_idx:
-                    raise WorkerProcessError(f"rank {source} asked for round {token[0]}'s weights "
+                    raise MPIProcessError(f"rank {source} asked for round {token[0]}'s weights "
                                              f"during round {round_idx}")
                 _send_packed(comm, weights[token[1]], source, TAG_WEIGHTS)
                 pause = 0.0
@@ -432,7 +435,7 @@ class MPIBackend(Backend):
                 packed = _recv_packed(comm, source, TAG_RESULT)
                 (result_round, index), header = pickle.loads(packed.header)
                 if result_round != round_idx:
-                    raise WorkerProcessError(f"rank {source} sent a result of round {result_round} "
+                    raise MPIProcessError(f"rank {source} sent a result of round {result_round} "
                                              f"during round {round_idx}")
                 received[index] = Packed(header, packed.specs, packed.data)
                 pause = 0.0
@@ -443,7 +446,7 @@ class MPIBackend(Backend):
                     return received
                 stalled_since = stalled_since or time.monotonic()
                 if time.monotonic() - stalled_since > 60:
-                    raise WorkerProcessError(f"round {round_idx}: jobs {missing} finished without "
+                    raise MPIProcessError(f"round {round_idx}: jobs {missing} finished without "
                                              "sending their results")
             time.sleep(pause)
             pause = min(1e-3, max(2 * pause, 2e-5))
@@ -455,6 +458,6 @@ class MPIBackend(Backend):
 def _describe(err: BaseException) -> str:
     text = str(err)
     if type(err).__name__ == "BrokenExecutor" or "initializer failed" in text:
-        return (f"MPI worker processes failed to start ({text}); their error is printed above "
+        return (f"MPI processes failed to start ({text}); their error is printed above "
                 "as 'fedrec: MPI rank N ... failed to start'")
     return text

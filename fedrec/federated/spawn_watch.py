@@ -87,7 +87,7 @@ def _death_message(logdir: Path, signum: int, pid: int, resume_command: str) -> 
     if markers:
         running = "; ".join(f"rank {m['rank']} (pid {m['pid']} on {m['host']}): clients "
                             f"{describe_clients(m['clients'])}" for m in markers)
-        what = (f"an MPI worker process died during round {markers[0]['round']} (0-based) and MPI "
+        what = (f"an MPI process died during round {markers[0]['round']} (0-based) and MPI "
                 f"stopped the whole job ({name}); workers mid-round: {running}")
     else:
         what = f"the simulation process (pid {pid}) was killed by {name}"
