@@ -321,3 +321,46 @@ def test_dense_and_sparse_modes_agree_for_scaffold_and_fedprox(config, tmp_path)
         sparse, _ = run(config, tmp_path / f"{fl_algo['name']}-sparse")
         for name in dense.global_state:
             assert torch.allclose(dense.global_state[name], sparse.global_state[name], atol=1e-6), name
+
+
+def test_scaffold_client_follows_option_two_on_mlps_and_touched_rows():
+    """Correction c - c_i in the gradient; c_i+ = c_i - c + (x - y) / (K lr); upload
+    y - x (weighted) and c_i+ - c_i; the new c_i is stored (rows with their ids)."""
+    from fedrec.federated.client_state import rows_of
+
+    cls = registry.lookup("fl_algo", "scaffold")
+    model = _Tiny()
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    server_c = {k: torch.randn_like(v) for k, v in start.items()}
+    context = _tiny_context(model, start)
+    context.round.server_values = server_c
+    old_lin = torch.randn_like(start["lin.weight"])
+    context.state = {"lin.weight": old_lin, "emb.weight@ids": torch.tensor([4]),
+                     "emb.weight@rows": torch.tensor([[1.0, 2.0]])}  # row 1: no stored c_i yet
+    worker = cls(worker_index=0, roles=["trainer"], sample_num=4)
+    worker.begin_local_training(context)
+    worker.local_objective(torch.zeros(()), context).backward()
+    assert torch.allclose(model.lin.weight.grad, server_c["lin.weight"] - old_lin)
+    emb_grad = model.emb.weight.grad.to_dense()
+    assert torch.allclose(emb_grad[4], server_c["emb.weight"][4] - torch.tensor([1.0, 2.0]))
+    assert torch.allclose(emb_grad[1], server_c["emb.weight"][1])
+    assert torch.equal(emb_grad[[0, 2, 3, 5]], torch.zeros(4, 2))
+
+    with torch.no_grad():  # "train": K = 5 steps at lr 0.1 moved the weights
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    from fedrec.trainers.base_trainer import LocalTrainResult
+
+    context.train_result = LocalTrainResult(num_samples=20, num_steps=5, loss_sum=1.0)
+    update = worker.client_update(context)
+    expected_lin = old_lin - server_c["lin.weight"] + (start["lin.weight"] - model.lin.weight) / (5 * 0.1)
+    control = update.aux["control"]
+    assert control.weight == 1.0 and control.num_clients == 1
+    assert torch.allclose(control.dense["lin.weight"], expected_lin - old_lin, atol=1e-6)
+    assert torch.allclose(update.dense["lin.weight"], 4 * (model.lin.weight - start["lin.weight"]))
+    ids, rows = rows_of(context.new_state, "emb.weight")
+    assert torch.equal(ids, torch.tensor([1, 4]))
+    drift = (start["emb.weight"] - model.emb.weight)[[1, 4]] / 0.5
+    stored = torch.stack([torch.zeros(2), torch.tensor([1.0, 2.0])])
+    assert torch.allclose(rows, stored - server_c["emb.weight"][[1, 4]] + drift, atol=1e-6)
+    assert torch.allclose(context.new_state["lin.weight"], expected_lin, atol=1e-6)
