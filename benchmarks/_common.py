@@ -37,7 +37,9 @@ def make_data(workdir: Path, rows: int, max_ind_range: int = -1, seed: int = 0) 
     config = load_config(ROOT / "configs" / "dlrm_fl.yml", sets=[
         f"model.preproc.datafile={datafile}", f"model.preproc.output_file={processed}",
         f"model.preproc.max_ind_range={max_ind_range}", "model.preproc.hash_table_size=fixed",
-        "fl.progress_bar=false", "fl.backend=local"])
+        "fl.progress_bar=false", "fl.backend=local",
+        # the simulator's cost is measured on FedAvg (the demo config's default is FedAdagrad)
+        "fl.fl_algo={name: fed_avg}", "fl.local_lr=1.0"])
     if not (processed / "metadata.json").exists():
         run_preprocess(config, progress=False)
     return config

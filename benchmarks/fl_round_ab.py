@@ -41,7 +41,8 @@ if not datafile.exists():
 config = load_config(tree / "configs" / "dlrm_fl.yml", sets=[
     f"model.preproc.datafile={datafile}", f"model.preproc.output_file={work / 'processed'}",
     "fl.progress_bar=false", "fl.backend=local", "fl.num_workers=1000", "fl.client_num_per_round=100",
-    "fl.local_epochs=1", "fl.local_lr=0.1", "fl.num_rounds=100000", "fl.eval_every_n_rounds=100000"])
+    "fl.local_epochs=1", "fl.local_lr=0.1", "fl.num_rounds=100000", "fl.eval_every_n_rounds=100000",
+    "fl.fl_algo={name: fed_avg}"])
 if not (work / "processed" / "metadata.json").exists():
     run_preprocess(config, progress=False)
 sim = Simulation(config, work / "fl")

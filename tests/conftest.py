@@ -44,7 +44,7 @@ def small_config(datafile: Path, processed: Path) -> Dict[str, Any]:
     config["model"]["arch_mlp_top"] = [16, 1]
     config["train"]["config"].update({"batch_size": 64, "eval_batch_size": 4096, "progress_bar": False,
                                        "eval_every_n": 50, "report_every_n": 20, "save_every_n": 50})
-    config["fl"].update({"num_workers": 40, "num_rounds": 3, "client_num_per_round": 8,
+    config["fl"].update({"fl_algo": {"name": "fed_avg"}, "num_workers": 40, "num_rounds": 3, "client_num_per_round": 8,
                          "local_epochs": 1, "local_lr": 0.1,
                          "local_batch_size": 16, "progress_bar": False, "backend": "local",
                          "partitioner": {"name": "dirichlet", "alpha": 0.5}})
