@@ -364,3 +364,19 @@ def test_scaffold_client_follows_option_two_on_mlps_and_touched_rows():
     stored = torch.stack([torch.zeros(2), torch.tensor([1.0, 2.0])])
     assert torch.allclose(rows, stored - server_c["emb.weight"][[1, 4]] + drift, atol=1e-6)
     assert torch.allclose(context.new_state["lin.weight"], expected_lin, atol=1e-6)
+
+
+def test_a_fresh_run_in_a_used_logdir_does_not_read_the_earlier_runs_client_state(config, tmp_path):
+    from fedrec.federated.run import run_simulation
+    from fedrec.utilities.checkpoint import CheckpointManager
+
+    config["fl"].update({"fl_algo": {"name": "scaffold"}, "num_rounds": 2})
+    run_simulation(config, tmp_path / "clean", print_rounds=False)
+    other = copy.deepcopy(config)
+    other["fl"]["local_lr"] = 0.05  # an earlier, different run in the same logdir
+    run_simulation(other, tmp_path / "used", print_rounds=False)
+    run_simulation(config, tmp_path / "used", print_rounds=False)
+    assert list((tmp_path / "used" / "previous").glob("*/client_state"))
+    clean = CheckpointManager.load(CheckpointManager(tmp_path / "clean" / "checkpoints").latest())["global"]
+    used = CheckpointManager.load(CheckpointManager(tmp_path / "used" / "checkpoints").latest())["global"]
+    assert_same_weights(clean, used)

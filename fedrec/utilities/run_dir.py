@@ -50,7 +50,8 @@ __all__ = [
 
 LOCK_FILE = ".fedrec.lock"
 # What a run leaves in its logdir (archived when a fresh run starts in the same folder).
-RUN_FILES = ("metrics.jsonl", "config.yml", "run.log", "checkpoints", "summary.json", "partition.npz")
+RUN_FILES = ("metrics.jsonl", "config.yml", "run.log", "checkpoints", "summary.json", "partition.npz",
+             "client_state")  # client_state: per-client state a fresh run must not read
 PREVIOUS = "previous"
 
 
