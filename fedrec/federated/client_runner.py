@@ -25,7 +25,7 @@ import torch
 from fedrec.federated.client_state import STATE_DIR, ClientStateStore
 from fedrec.federated.config import FLConfig, fl_config_from, import_modules
 from fedrec.federated.context import ClientContext, RoundContext
-from fedrec.federated.postprocessors import build_chain, run_client_chain
+from fedrec.federated.postprocessors import Postprocessor, build_chain, run_client_chain
 from fedrec.federated.update import WeightedUpdate, gather_rows
 from fedrec.federated_worker import FederatedWorker, InvalidStateError, Neighbour, NeighbourTable
 from fedrec.trainers.base_trainer import LocalTrainResult
@@ -184,6 +184,11 @@ class ClientRunner:
                 "fl.embedding_updates: sparse does not send (a client has only its rows); use "
                 "embedding_updates: dense, or an algorithm that aggregates updates "
                 "(linear_aggregation = True, or aggregation = 'updates')")
+        server_side = [type(p).__name__ for p in self.postprocessors
+                       if type(p).postprocess_server is not Postprocessor.postprocess_server]
+        if self.mode == "updates" and server_side:
+            raise ConfigError(f"fl.postprocessors {server_side} transform the reduced sum on the server, but "
+                              f"fl.fl_algo {name!r} aggregates every client's update (there is no sum)")
         if self.mode == "models" and self.postprocessors:
             raise ConfigError(f"fl.postprocessors transform client updates, but fl.fl_algo {name!r} "
                               "aggregates whole models; drop fl.postprocessors or use an update-based algorithm")
