@@ -103,8 +103,11 @@ def test_shipped_configs_load_and_validate():
         config = load_config(name)
         registry.construct("train_config", config["train"]["config"])
         registry.lookup("model", config["model"])
+    from fedrec.federated.client_runner import algorithm_config
+
     fl = fl_config_from(load_config("configs/dlrm_fl.yml"))
-    assert fl.fl_algo["name"] == "fed_avg" and fl.num_workers == 1000
+    assert fl.fl_algo["name"] == "fed_adagrad" and fl.num_workers == 1000
+    algorithm_config(registry.lookup("fl_algo", fl.fl_algo), fl.fl_algo)  # its keys are valid
     reference = load_config("configs/dlrm.yml")["model"]
     assert reference["arch_mlp_bot"] == [13, 512, 256, 64, 16]
     assert reference["arch_mlp_top"] == [512, 256, 1]

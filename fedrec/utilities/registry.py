@@ -195,21 +195,22 @@ def check_class_config(cls: type, values: Mapping[str, Any], label: str,
     unknown = sorted(set(values) - set(allowed))
     if unknown:
         raise RegistryError(f"{label} does not take config key(s) {unknown}; it takes: {allowed}")
-    out = {}
-    for key, value in values.items():
-        hint = names[key]
-        if hint is Any:
-            out[key] = value
-            continue
-        try:
-            out[key] = _adapter(hint).validate_python(value)
-        except pydantic.ValidationError as err:
-            detail = err.errors()[0].get("msg", str(err))
-            raise ConfigTypeError(
-                f"{label}: config key {key!r} expects {_type_name(hint)}, got {value!r} ({detail})") from None
-        except pydantic.PydanticSchemaGenerationError:
-            out[key] = value
-    return out
+    return {key: _checked_value(names[key], key, value, label) for key, value in values.items()}
+
+
+def _checked_value(hint: Any, key: str, value: Any, label: str) -> Any:
+    """``value`` validated (and coerced, lax mode) against ``hint``; ``ConfigTypeError``
+    naming the key and the expected type when it does not fit."""
+    if hint is None or hint is Any:
+        return value
+    try:
+        return _adapter(hint).validate_python(value)
+    except pydantic.ValidationError as err:
+        detail = err.errors()[0].get("msg", str(err))
+        raise ConfigTypeError(
+            f"{label}: config key {key!r} expects {_type_name(hint)}, got {value!r} ({detail})") from None
+    except pydantic.PydanticSchemaGenerationError:
+        return value
 
 
 def validate_model(model: type, values: Mapping[str, Any], label: str) -> Any:
@@ -238,21 +239,8 @@ def _validate_types(obj: Any, values: Mapping[str, Any], label: str) -> Dict[str
         hints = typing.get_type_hints(target, include_extras=True)
     except Exception:  # unresolvable annotations: nothing to check against
         return {}
-    out: Dict[str, Any] = {}
-    for key, value in values.items():
-        hint = hints.get(key)
-        if hint is None or hint is Any:
-            continue
-        try:
-            out[key] = _adapter(hint).validate_python(value)
-        except pydantic.ValidationError as err:
-            detail = err.errors()[0].get("msg", str(err))
-            raise ConfigTypeError(
-                f"{label}: config key {key!r} expects {_type_name(hint)}, got {value!r} ({detail})"
-            ) from None
-        except pydantic.PydanticSchemaGenerationError:
-            continue
-    return out
+    return {key: _checked_value(hints[key], key, value, label)
+            for key, value in values.items() if hints.get(key) not in (None, Any)}
 
 
 @functools.lru_cache(maxsize=None)
