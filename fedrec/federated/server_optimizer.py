@@ -40,7 +40,8 @@ class ServerOptimizer:
 
     def step(self, update: WeightedUpdate, per_row: bool = False, denominator: Optional[float] = None,
              scale: float = 1.0) -> None:
-        """Move the global weights by the mean of ``update`` (times ``scale``)."""
+        """Move the global weights by the mean of ``update`` (times ``scale``). The update
+        is consumed: it may be scaled in place (read what you need from it first)."""
         if not update.num_clients:
             return
         if self._plain_sgd:
