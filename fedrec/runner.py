@@ -101,24 +101,15 @@ def run_train(config: Dict[str, Any], logdir: str | Path, resume: bool = False,
     ``logdir/previous/<time>/`` first.
     """
     from fedrec.utilities.logger import RunLogger
-    from fedrec.utilities.run_dir import LogdirLock, archive_previous_run, remove_partial_writes, repair_metrics
+    from fedrec.utilities.run_dir import LogdirLock, start_writing
 
     logdir = Path(logdir)
     trainer = build_trainer(config, logdir=logdir, logger=None, config_path=config_path)
     with LogdirLock(logdir):
         resumed = trainer.resume() if resume else False
         # -- everything is checked: from here on the logdir changes ----------------------
-        notes = remove_partial_writes(logdir)
-        if resumed:
-            # the test line comes after the last checkpoint: the resumed run writes it again
-            notes += repair_metrics(logdir / "metrics.jsonl", trainer.progress.step, rerun_phases=("test",))
-        else:
-            if resume:
-                notes.append(f"--resume: no checkpoint under {logdir / 'checkpoints'}; starting fresh")
-            archived = archive_previous_run(logdir)
-            if archived is not None:
-                notes.append(f"{logdir} held an earlier run: moved its files to {archived} "
-                             "(pass --resume to continue a run instead)")
+        # the test line comes after the last checkpoint: a resumed run writes it again
+        notes = start_writing(logdir, trainer.progress.step if resumed else None, resume, rerun_phases=("test",))
         purge_step = trainer.progress.step + 1 if resumed else None
         with RunLogger(logdir, purge_step=purge_step) as logger:
             trainer.logger = logger

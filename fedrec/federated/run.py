@@ -45,7 +45,7 @@ def run_simulation(config: Dict[str, Any], logdir: str | Path, resume: bool = Fa
     from fedrec.federated.simulation import build_client_runner, check_simulation
     from fedrec.utilities.divergence import NonFinitePredictions
     from fedrec.utilities.logger import RunLogger, read_metrics
-    from fedrec.utilities.run_dir import LogdirLock, archive_previous_run, remove_partial_writes, repair_metrics
+    from fedrec.utilities.run_dir import LogdirLock, start_writing
 
     logdir = Path(logdir)
     started = time.perf_counter()
@@ -63,17 +63,8 @@ def run_simulation(config: Dict[str, Any], logdir: str | Path, resume: bool = Fa
                   f"{runner.fl.num_rounds}); raise --num_rounds to run more")
             return [r for r in read_metrics(logdir) if r.get("phase") == "fl"]
         # -- everything is checked: from here on the logdir changes ----------------------
-        notes += remove_partial_writes(logdir)
-        if start is not None:
-            # rounds logged after the checkpoint are run (and logged) again
-            notes += repair_metrics(logdir / "metrics.jsonl", start.step, unit="round")
-        else:
-            if resume:
-                notes.append(f"--resume: no checkpoint under {logdir / 'checkpoints'}; starting fresh")
-            archived = archive_previous_run(logdir)
-            if archived is not None:
-                notes.append(f"{logdir} held an earlier run: moved its files to {archived} "
-                             "(pass --resume to continue a run instead)")
+        # rounds logged after the checkpoint are run (and logged) again
+        notes += start_writing(logdir, None if start is None else start.step, resume, unit="round")
         if not keep_partition:
             runner.partition.save(logdir / PARTITION_FILE)
         purge_step = None if start is None else start.step + 1

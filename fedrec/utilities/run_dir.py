@@ -235,3 +235,23 @@ def repair_metrics(path: Path, step: int, rerun_phases: Iterable[str] = (), unit
         tmp.write_text("".join(kept), encoding="utf-8")
         tmp.replace(path)
     return notes
+
+
+def start_writing(logdir: Path, resume_step: Optional[int], resume_requested: bool,
+                  rerun_phases: Iterable[str] = (), unit: str = "step") -> List[str]:
+    """The first changes a run makes to its (locked, checked) logdir; returns notes.
+
+    Half-written files of a killed run go; a resumed run (``resume_step``) drops the
+    metrics lines after its checkpoint, since it writes them again; a fresh run moves an
+    earlier run's files to ``previous/<time>/``.
+    """
+    notes = remove_partial_writes(logdir)
+    if resume_step is not None:
+        return notes + repair_metrics(logdir / "metrics.jsonl", resume_step, rerun_phases=rerun_phases, unit=unit)
+    if resume_requested:
+        notes.append(f"--resume: no checkpoint under {logdir / 'checkpoints'}; starting fresh")
+    archived = archive_previous_run(logdir)
+    if archived is not None:
+        notes.append(f"{logdir} held an earlier run: moved its files to {archived} "
+                     "(pass --resume to continue a run instead)")
+    return notes
