@@ -7,6 +7,7 @@ from fedrec.federated import (  # noqa: F401  (registrations)
     fedprox,
     partition,
     postprocessors,
+    privacy,
     qffl,
     robust,
     samplers,

@@ -155,7 +155,14 @@ class ClientRunner:
         self.table_names = self._embedding_table_names()
         self.sparse_mode = fl.embedding_updates == "sparse"
         self.dense_names = [n for n in self.replica if not (self.sparse_mode and n in self.table_names)]
+        self.sampler = registry.construct("sampler", fl.sampler)
         self.postprocessors = build_chain(fl.postprocessors)
+        for index, postprocessor in enumerate(self.postprocessors):
+            try:
+                postprocessor.setup(fl, self.sampler, sparse=self.sparse_mode)
+            except ValueError as err:
+                raise ConfigError(f"fl.postprocessors[{index}] ({fl.postprocessors[index].get('name')}): "
+                                  f"{err}") from None
         self._check_mode()
         from fedrec.federated.attacks import build_attack
 

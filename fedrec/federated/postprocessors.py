@@ -40,6 +40,23 @@ class Postprocessor:
         """The cohort's reduced update on rank 0, before the server step."""
         return update
 
+    def setup(self, fl: Any, sampler: Any, sparse: bool = False) -> None:
+        """Called once per process with the run's ``fl`` settings and client sampler
+        (e.g. a DP mechanism calibrates its noise from the sampling rate and rounds);
+        raise ``ValueError`` naming the key for a setting it cannot work with."""
+
+    def round_metrics(self, rounds_done: int) -> Dict[str, float]:
+        """Numbers for the metrics line after ``rounds_done`` rounds (e.g. epsilon)."""
+        return {}
+
+    def describe(self) -> str:
+        """A line for the run log at start (settings the user did not spell out)."""
+        return ""
+
+    def max_rounds(self) -> Any:
+        """The most rounds this postprocessor allows (a privacy budget), or None."""
+        return None
+
     def broadcast(self) -> Dict[str, float]:
         """Values clients need this round (keys are prefixed with the chain position)."""
         return {}
@@ -96,7 +113,14 @@ def build_chain(configs: Sequence[Mapping[str, Any]]) -> List[Postprocessor]:
             raise registry.RegistryError(
                 f"fl.postprocessors[{index}] must be a mapping with a 'name' key "
                 f"(one of {registry.known('postprocessor')}), got {config!r}")
-        chain.append(registry.construct("postprocessor", config))
+        try:
+            chain.append(registry.construct("postprocessor", config))
+        except (ValueError, TypeError) as err:
+            if isinstance(err, (registry.ConfigTypeError, registry.RegistryError)):
+                raise
+            from fedrec.utilities.config import ConfigError
+
+            raise ConfigError(f"fl.postprocessors[{index}] ({config['name']}): {err}") from None
     return chain
 
 

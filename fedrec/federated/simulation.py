@@ -47,11 +47,10 @@ class RoundRecord:
     stats: List[ClientStats]
 
 
-def check_topology_and_sampler(fl: Any) -> Any:
-    """The round loop's own config: the topology (star only) and the client sampler."""
+def check_topology(fl: Any) -> None:
+    """The round loop's own config: the topology (star only)."""
     if fl.topology.get("name", "star") != "star":
         raise registry.RegistryError(f"fl.topology {fl.topology.get('name')!r} is not supported; known: star")
-    return registry.construct("sampler", fl.sampler)
 
 
 def build_aggregator(runner: ClientRunner, runtime: Any, persistent_storage: Optional[str]) -> FederatedWorker:
@@ -89,7 +88,8 @@ class _DryRuntime:
 def check_simulation(runner: ClientRunner) -> None:
     """What ``Simulation`` builds beyond a process's runner, checked with no side effects
     (``fedrec simulate`` calls this before it touches the logdir)."""
-    build_aggregator(runner, _DryRuntime(runner, check_topology_and_sampler(runner.fl)), None)
+    check_topology(runner.fl)
+    build_aggregator(runner, _DryRuntime(runner, runner.sampler), None)
 
 
 class Simulation:
@@ -107,12 +107,13 @@ class Simulation:
         self.logger = logger or NullLogger()
         # Client training runs at fl.client_threads (the backends set it around client
         # work); evaluation here keeps the process's own thread count.
-        self.sampler = check_topology_and_sampler(self.fl)
+        check_topology(self.fl)
 
         start = time.perf_counter()
         self.runner = runner or build_client_runner(config, self.logdir, config_path, new_partition=True)
         self.runner.attach_logdir(self.logdir)
         self.trainer = trainer = self.runner.trainer
+        self.sampler = self.runner.sampler
         self.partition = self.runner.partition
         labels = np.asarray(trainer.dataset.split("train").label)
         took = "" if runner is not None else f" in {time.perf_counter() - start:.2f}s"
@@ -122,6 +123,12 @@ class Simulation:
         self.fingerprint = simulation_fingerprint(config, trainer.dataset)  # checked on resume
         self.per_row_embeddings = self.runner.per_row_embeddings
         self.postprocessors = self.runner.postprocessors
+        for postprocessor in self.postprocessors:
+            if postprocessor.describe():
+                self.logger.info(postprocessor.describe())
+        # fl.num_rounds, or fewer where a postprocessor's budget (epsilon) ends sooner
+        limits = [p.max_rounds() for p in self.postprocessors]
+        self.final_round = min([self.fl.num_rounds] + [int(n) for n in limits if n is not None])
         self.global_state: Dict[str, torch.Tensor] = {
             k: v.detach().clone() for k, v in trainer.model.state_dict().items()
         }
@@ -159,9 +166,11 @@ class Simulation:
         unknown = [i for i in ids if i not in worker.in_neighbours]
         if unknown:
             raise InvalidStateError(f"aggregator asked non-neighbours {unknown[:5]} for models")
+        expected = self.sampler.expected_cohort(len(worker.in_neighbours), self.fl.client_num_per_round)
         context = RoundContext(self.round_idx, self.seed, server_values=worker.server_values(),
                                postprocessor_values=chain_broadcast(self.postprocessors),
-                               checkpointed_round=self.checkpointed_round, cohort_size=len(ids))
+                               checkpointed_round=self.checkpointed_round, cohort_size=len(ids),
+                               expected_cohort=expected)
         blocks = make_blocks(ids, self.fl.reduce_blocks)
         results = self.backend.run_round(context, blocks, self.global_state)
         stats = sorted((s for r in results for s in r.stats), key=lambda s: s.client_id)
@@ -180,7 +189,6 @@ class Simulation:
             if stat.client_id in models:
                 neighbour.model = models[stat.client_id][1]
             out.append(neighbour)
-        expected = self.sampler.expected_cohort(len(worker.in_neighbours), self.fl.client_num_per_round)
         return Cohort(out, reduced=reduced, updates=dict(sorted(updates.items())), expected_size=expected)
 
     def train(self, worker: FederatedWorker, model_dir: Optional[str] = None):
@@ -219,10 +227,12 @@ class Simulation:
         for stat in stats:  # what the algorithm's hooks and the postprocessors counted
             for key, value in stat.metrics.items():
                 row[key] = row.get(key, 0.0) + value
+        for postprocessor in self.postprocessors:  # e.g. epsilon spent so far
+            row.update(postprocessor.round_metrics(self.round_idx + 1))
         for key in ("bytes_down", "bytes_up", "samples", "clients"):
             self.totals[key] += row[key]
         check_round(row, self.round_idx + 1)  # nan: stop before evaluating and saving
-        if (self.round_idx + 1) % self.fl.eval_every_n_rounds == 0 or self.round_idx + 1 == self.fl.num_rounds:
+        if (self.round_idx + 1) % self.fl.eval_every_n_rounds == 0 or self.round_idx + 1 >= self.final_round:
             eval_start = time.perf_counter()
             row.update(self.evaluate())
             row["eval_seconds"] = time.perf_counter() - eval_start
@@ -230,18 +240,23 @@ class Simulation:
         return row
 
     def run(self) -> List[Dict[str, Any]]:
-        bar = tqdm(total=self.fl.num_rounds, initial=self.round_idx, unit="round", desc="fl",
+        last = self.final_round
+        if last < self.fl.num_rounds:
+            self.logger.warning(f"the privacy budget allows {last} of fl.num_rounds {self.fl.num_rounds} rounds: "
+                                f"the run stops after round {last} with a checkpoint")
+        bar = tqdm(total=last, initial=min(self.round_idx, last), unit="round", desc="fl",
                    disable=not self.fl.progress_bar, dynamic_ncols=True)
         try:
-            while self.round_idx < self.fl.num_rounds:
+            while self.round_idx < last:
                 row = self.run_round()
                 self.history.append(row)
                 self.logger.log_metrics("fl", row["round"], row)
-                if self.round_idx % self.fl.checkpoint_every_n_rounds == 0 or self.round_idx == self.fl.num_rounds:
+                if self.round_idx % self.fl.checkpoint_every_n_rounds == 0 or self.round_idx == last:
                     self.save_checkpoint()
                 bar.update(1)
                 if "roc_auc" in row:
-                    bar.set_postfix(auc=f"{row['roc_auc']:.4f}", s=f"{row['round_seconds']:.2f}")
+                    extra = {"eps": f"{row['epsilon']:.3g}"} if "epsilon" in row else {}
+                    bar.set_postfix(auc=f"{row['roc_auc']:.4f}", s=f"{row['round_seconds']:.2f}", **extra)
         finally:
             bar.close()
         self._write_summary()
