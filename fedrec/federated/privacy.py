@@ -27,7 +27,6 @@ touched, which the Gaussian mechanism does not cover.
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Any, Dict, Literal, Optional
 
 import pydantic

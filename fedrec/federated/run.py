@@ -13,8 +13,9 @@ from fedrec.federated.simulation import PARTITION_FILE, Simulation
 def format_round(row: Dict[str, Any]) -> str:
     auc = row.get("roc_auc")
     auc_text = f"auc {auc:.4f}  log_loss {row['log_loss']:.4f}" if auc is not None and not math.isnan(auc) else "auc -"
+    eps_text = f"  epsilon {row['epsilon']:.3g}" if "epsilon" in row else ""
     return (f"round {row['round']:3d}: {auc_text}  clients {row['clients']}  samples {row['samples']:,}  "
-            f"{row['round_seconds']:.2f}s  up {row['bytes_up'] / 1e6:,.1f} MB")
+            f"{row['round_seconds']:.2f}s  up {row['bytes_up'] / 1e6:,.1f} MB{eps_text}")
 
 
 def _check_backend(config: Dict[str, Any]) -> None:
