@@ -65,7 +65,7 @@ def main() -> None:
                              "sampler": {"name": "poisson"}, "partitioner": {"name": "iid"},
                              "local_epochs": args.local_epochs, "local_lr": args.local_lr})
         plain = None if args.skip_plain else run(config, workdir, "no_dp", None, args.clip)
-        results = [run(config, workdir, f"eps_{e:g}", float(e), args.clip) for e in args.epsilons.split(",") if e]
+        results = [run(config, workdir, f"eps_{e}", float(e), args.clip) for e in args.epsilons.split(",") if e]
         if plain and results:
             emit(bench="fl_privacy_overhead",
                  dp_over_plain_round_seconds=results[0]["median_round_seconds"] / plain["median_round_seconds"])

@@ -27,6 +27,7 @@ touched, which the Gaussian mechanism does not cover.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Dict, Literal, Optional
 
 import pydantic
@@ -34,7 +35,7 @@ import torch
 
 from fedrec.federated import accounting
 from fedrec.federated.context import ClientContext, RoundContext
-from fedrec.federated.postprocessors import Postprocessor, clip_to_norm
+from fedrec.federated.postprocessors import Postprocessor
 from fedrec.federated.update import WeightedUpdate
 from fedrec.utilities import registry
 from fedrec.utilities.random_state import derive_seed
@@ -109,11 +110,15 @@ class GaussianMechanism(Postprocessor):
         if update.aux or update.scalars:
             raise ValueError(f"dp_gaussian bounds the model delta only, but this algorithm also uploads "
                              f"{sorted(update.aux) + sorted(update.scalars)}")
-        plain = update.unweighted()  # one user, weight 1: the contribution is bounded by S
-        plain.weight = 1.0
-        for row in plain.rows.values():
+        # one user, weight 1, norm <= S: unweight and clip in one in-place pass
+        weight = update.weight if update.weight else 1.0
+        norm = math.sqrt(update.sq_norm()) / abs(weight)
+        clipped = norm > self.clip_norm
+        update.scale_((self.clip_norm / norm if clipped else 1.0) / weight)
+        update.weight = 1.0
+        for row in update.rows.values():
             row.row_weight.fill_(1.0)
-        clipped = clip_to_norm(plain, self.clip_norm)
+        plain = update
         context.metrics["dp_clipped"] = context.metrics.get("dp_clipped", 0.0) + float(clipped)
         if self.mode == "local":
             seed = derive_seed(context.round.seed, context.round.round_idx, context.client_id, _NOISE_STREAM)

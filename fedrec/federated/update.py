@@ -154,8 +154,11 @@ class WeightedUpdate:
 
     def sq_norm(self) -> float:
         """Squared L2 norm of the summed values (model delta only, not ``aux``)."""
-        total = sum(float(t.double().pow(2).sum()) for t in self.dense.values())
-        return total + sum(float(r.values.double().pow(2).sum()) for r in self.rows.values())
+        tensors = list(self.dense.values()) + [r.values for r in self.rows.values()]
+        if not tensors:
+            return 0.0
+        # one fused pass, no float64 copies (the sum of squares is taken in float64)
+        return sum(float(n) ** 2 for n in torch._foreach_norm(tensors, 2))
 
     def scale_(self, factor: float) -> "WeightedUpdate":
         """Multiply the summed values (not the weights) by ``factor`` in place."""
