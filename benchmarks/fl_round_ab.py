@@ -69,6 +69,8 @@ def main() -> None:
     parser.add_argument("--workdir")
     args = parser.parse_args()
     baseline = Path(args.baseline).resolve()
+    if not (baseline / "fedrec" / "federated" / "simulation.py").is_file():
+        parser.error(f"--baseline {baseline} is not a checkout of fedrec (no fedrec/federated/simulation.py)")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp)
         seconds = {"this": [], "baseline": []}

@@ -70,11 +70,10 @@ class Cohort(List[Neighbour]):
     """
 
     def __init__(self, neighbours: Iterable[Neighbour] = (), reduced: Any = None,
-                 updates: Optional[Dict[int, Any]] = None, expected_size: float = 0.0) -> None:
+                 updates: Optional[Dict[int, Any]] = None) -> None:
         super().__init__(neighbours)
         self.reduced = reduced
         self.updates: Dict[int, Any] = updates or {}
-        self.expected_size = expected_size
 
 
 def neighbour_id(key: NeighbourKey) -> int:

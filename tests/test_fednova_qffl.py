@@ -27,6 +27,7 @@ from fedrec.utilities import registry
 from fedrec.utilities.logger import MemoryLogger
 from tests.test_mpi import _config as mpi_config
 from tests.test_mpi import assert_same_run, needs_mpi, simulate
+from tests.test_fl_simulation import resumed_after, run
 
 W = "w"
 TABLE = "table"
@@ -327,15 +328,6 @@ def test_qfedavg_client_measures_its_loss_at_the_global_model(config, tmp_path):
 
 
 # -- end to end ------------------------------------------------------------------------------
-def run(config, logdir):
-    sim = Simulation(config, logdir, logger=MemoryLogger())
-    try:
-        history = sim.run()
-    finally:
-        sim.close()
-    return sim, history
-
-
 def assert_close_weights(a, b, **tolerance):
     assert a.keys() == b.keys()
     for name in a:
@@ -403,15 +395,7 @@ def test_resume_is_exact(config, tmp_path, algo):
     fl_algo = dict(ALGORITHMS[algo], server_optimizer={"name": "sgd", "lr": 1.0, "momentum": 0.5})
     config["fl"].update({"fl_algo": fl_algo, "num_rounds": 3, "embedding_updates": "sparse"})
     full, full_history = run(copy.deepcopy(config), tmp_path / "full")
-    cut = Simulation(config, tmp_path / "cut", logger=MemoryLogger())
-    for _ in range(2):
-        cut.run_round()
-        cut.save_checkpoint()
-    cut.close()
-    resumed = Simulation(config, tmp_path / "cut", logger=MemoryLogger())
-    assert resumed.resume() and resumed.round_idx == 2
-    rest = resumed.run()
-    resumed.close()
+    resumed, rest = resumed_after(config, tmp_path / "cut")
     for name, value in full.global_state.items():
         assert torch.equal(resumed.global_state[name], value), name
     drop = {"round_seconds", "eval_seconds"}

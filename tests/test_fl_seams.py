@@ -22,7 +22,7 @@ from fedrec.utilities import registry
 from fedrec.utilities.logger import MemoryLogger
 from fedrec.utilities.random_state import RandomContext, derive_seed
 
-from test_fl_simulation import assert_same_weights, run, without_timings
+from test_fl_simulation import assert_same_weights, resumed_after, run, without_timings
 
 
 # -- samplers ----------------------------------------------------------------------------------
@@ -299,16 +299,8 @@ def test_scaffold_first_round_is_fedavg_and_c_is_the_mean_control_update(config,
 def test_resume_is_exact_for_scaffold_and_a_server_optimizer(config, tmp_path, fl_algo, mode):
     config["fl"].update({"fl_algo": fl_algo, "embedding_updates": mode, "num_rounds": 3})
     full, full_history = run(config, tmp_path / "full")
-    cut = Simulation(config, tmp_path / "cut", logger=MemoryLogger())
-    for _ in range(2):
-        cut.history.append(cut.run_round())
-        cut.save_checkpoint()
-    cut.run_round()  # round 3 runs (and writes client state) but is never checkpointed
-    cut.close()
-    resumed = Simulation(config, tmp_path / "cut", logger=MemoryLogger())
-    assert resumed.resume()
-    history = resumed.run()
-    resumed.close()
+    # round 3 runs (and writes client state) but is never checkpointed
+    resumed, history = resumed_after(config, tmp_path / "cut", unsaved_rounds=1)
     assert_same_weights(full.global_state, resumed.global_state)
     assert without_timings(full_history[2:]) == without_timings(history)
 

@@ -28,6 +28,26 @@ def run(config, logdir, rounds=None):
     return sim, history
 
 
+def resumed_after(config, logdir, rounds=2, unsaved_rounds=0):
+    """A run checkpointed after ``rounds`` rounds (then ``unsaved_rounds`` more that are
+    never checkpointed) and "killed", then resumed in a new Simulation and run to the
+    end: returns the resumed simulation and the rows it ran."""
+    cut = Simulation(config, logdir, logger=MemoryLogger())
+    for _ in range(rounds):
+        cut.history.append(cut.run_round())
+        cut.save_checkpoint()
+    for _ in range(unsaved_rounds):
+        cut.run_round()
+    cut.close()
+    resumed = Simulation(config, logdir, logger=MemoryLogger())
+    assert resumed.resume() and resumed.round_idx == rounds
+    try:
+        rest = resumed.run()
+    finally:
+        resumed.close()
+    return resumed, rest
+
+
 def without_timings(history):
     return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in history]
 
@@ -276,15 +296,7 @@ def test_fed_avgm_without_momentum_is_fed_avg_and_momentum_resumes(config, tmp_p
     # with momentum: a run interrupted after round 2 and resumed equals an uninterrupted one
     config["fl"]["fl_algo"] = {"name": "fed_avgm", "server_lr": 1.0, "server_momentum": 0.9}
     full, _ = run(copy.deepcopy(config), tmp_path / "full")
-    cut = Simulation(config, tmp_path / "cut", logger=MemoryLogger())
-    for _ in range(2):
-        cut.run_round()
-        cut.save_checkpoint()
-    cut.close()
-    resumed = Simulation(config, tmp_path / "cut", logger=MemoryLogger())
-    assert resumed.resume()
-    resumed.run()
-    resumed.close()
+    resumed, _ = resumed_after(config, tmp_path / "cut")
     assert_same_weights(full.global_state, resumed.global_state)
     assert not torch.equal(full.global_state["over_arch.mlp.layers.0.weight"],
                            plain.global_state["over_arch.mlp.layers.0.weight"])

@@ -179,3 +179,37 @@ def test_dp_under_mpi_gives_the_local_result_bit_for_bit(synthetic_data, tmp_pat
     config["fl"]["backend"] = "mpi"
     simulate(config, tmp_path / "mpi", processes=3)
     assert_same_run(tmp_path / "local", tmp_path / "mpi")
+
+
+def _simulate_cli(config, logdir, *extra):
+    from fedrec.cli import main
+
+    path = logdir.parent / f"{logdir.name}.yml"
+    path.write_text(yaml.safe_dump(config))
+    return main(["simulate", "--config", str(path), "--logdir", str(logdir), *extra])
+
+
+def test_resume_refuses_a_recalibrated_noise_multiplier_before_touching_the_logdir(config, tmp_path, capsys):
+    config = dp_config(config, noise_multiplier=None, target_epsilon=3.0)
+    config["fl"]["num_rounds"] = 2
+    assert _simulate_cli(config, tmp_path / "run") == 0
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and ".lock" not in p.name}
+    capsys.readouterr()
+    config["fl"]["num_rounds"] = 4  # target_epsilon would now give another noise multiplier
+    assert _simulate_cli(config, tmp_path / "run", "--resume") == 2
+    err = capsys.readouterr().err
+    assert "noise_multiplier" in err and len(err.strip().splitlines()) == 1, err
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_resume_of_a_run_stopped_by_its_budget_changes_nothing(config, tmp_path, capsys):
+    q = config["fl"]["client_num_per_round"] / config["fl"]["num_workers"]
+    delta = 1 / config["fl"]["num_workers"]
+    config = dp_config(config, epsilon_budget=float(independent_epsilon(q, 1.0, 1, delta)
+                                               + independent_epsilon(q, 1.0, 2, delta)) / 2)
+    assert _simulate_cli(config, tmp_path / "run") == 0
+    summary = (tmp_path / "run" / "summary.json").read_bytes()
+    capsys.readouterr()
+    assert _simulate_cli(config, tmp_path / "run", "--resume") == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert (tmp_path / "run" / "summary.json").read_bytes() == summary

@@ -36,6 +36,7 @@ from fedrec.federated.robust import (
 from fedrec.federated.simulation import Simulation
 from fedrec.federated.update import RowUpdate, WeightedUpdate, sum_updates
 from fedrec.federated_worker import Cohort
+from tests.test_fl_simulation import resumed_after, run
 from fedrec.utilities import registry
 from fedrec.utilities.config import ConfigError
 from fedrec.utilities.logger import MemoryLogger
@@ -282,15 +283,6 @@ def test_krum_names_the_round_when_a_sampled_cohort_is_too_small():
 
 
 # -- in simulations -------------------------------------------------------------------------------
-def run(config, logdir):
-    sim = Simulation(config, logdir, logger=MemoryLogger())
-    try:
-        history = sim.run()
-    finally:
-        sim.close()
-    return sim, history
-
-
 ALGOS = [{"name": "median"}, {"name": "trimmed_mean", "trim_fraction": 0.2},
          {"name": "krum", "num_byzantine": 2, "multi_krum": 3}]
 
@@ -351,15 +343,7 @@ def test_resume_of_a_robust_aggregator_with_server_momentum_is_exact(config, tmp
     config["fl"].update({"num_rounds": 3, "embedding_updates": "sparse",
                          "fl_algo": {"name": "median", "server_optimizer": {"name": "sgd", "lr": 1.0, "momentum": 0.9}}})
     full, full_history = run(copy.deepcopy(config), tmp_path / "full")
-    cut = Simulation(config, tmp_path / "cut", logger=MemoryLogger())
-    for _ in range(2):
-        cut.run_round()
-        cut.save_checkpoint()
-    cut.close()
-    resumed = Simulation(config, tmp_path / "cut", logger=MemoryLogger())
-    assert resumed.resume() and resumed.round_idx == 2
-    rest = resumed.run()
-    resumed.close()
+    resumed, rest = resumed_after(config, tmp_path / "cut")
     for name, value in full.global_state.items():
         assert torch.equal(resumed.global_state[name], value), name
     assert rest[0]["roc_auc"] == full_history[2]["roc_auc"]

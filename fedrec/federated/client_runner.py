@@ -156,13 +156,7 @@ class ClientRunner:
         self.sparse_mode = fl.embedding_updates == "sparse"
         self.dense_names = [n for n in self.replica if not (self.sparse_mode and n in self.table_names)]
         self.sampler = registry.construct("sampler", fl.sampler)
-        self.postprocessors = build_chain(fl.postprocessors)
-        for index, postprocessor in enumerate(self.postprocessors):
-            try:
-                postprocessor.setup(fl, self.sampler, sparse=self.sparse_mode)
-            except ValueError as err:
-                raise ConfigError(f"fl.postprocessors[{index}] ({fl.postprocessors[index].get('name')}): "
-                                  f"{err}") from None
+        self.postprocessors = build_chain(fl.postprocessors, fl, self.sampler, sparse=self.sparse_mode)
         self._check_mode()
         from fedrec.federated.attacks import build_attack
 
@@ -172,7 +166,8 @@ class ClientRunner:
         try:  # bad local optimizer values (lr < 0, ...) fail here, not in the first client
             self._make_optimizer(model=self.model)
         except (ValueError, TypeError) as err:
-            raise ConfigError(f"fl local optimizer {fl.optimizer_config}: {err}") from None
+            key = "fl.local_optimizer" if fl.local_optimizer else "fl.local_lr"
+            raise ConfigError(f"{key}: the local optimizer {fl.optimizer_config} fails: {err}") from None
         self._local_momentum = float(fl.optimizer_config.get("momentum", 0.0) or 0.0)
         self._local_lr = float(fl.optimizer_config.get("lr", fl.local_lr))  # fl.local_optimizer's own lr wins
         self._has_objective = self.algorithm.local_objective is not FederatedWorker.local_objective

@@ -40,9 +40,6 @@ class RoundContext:
     #: rounds completed at the newest checkpoint: client-state versions older than the
     #: newest one before it may be pruned, since a resume never reads them
     checkpointed_round: int = 0
-    cohort_size: int = 0
-    #: the sampler's expected cohort size (DP divides by it, not by the sampled size)
-    expected_cohort: float = 0.0
 
 
 @dataclasses.dataclass

@@ -49,6 +49,11 @@ class Postprocessor:
         """Numbers for the metrics line after ``rounds_done`` rounds (e.g. epsilon)."""
         return {}
 
+    def resume_fingerprint(self) -> Dict[str, Any]:
+        """Values derived from the config that a resumed run must share with the earlier
+        rounds (e.g. a calibrated noise multiplier); compared like the config on --resume."""
+        return {}
+
     def describe(self) -> str:
         """A line for the run log at start (settings the user did not spell out)."""
         return ""
@@ -105,8 +110,10 @@ class NormBound(L2Clip):
     name = "norm_bound"
 
 
-def build_chain(configs: Sequence[Mapping[str, Any]]) -> List[Postprocessor]:
-    """The configured chain, each validated by the registry (unknown names list the known)."""
+def build_chain(configs: Sequence[Mapping[str, Any]], fl: Any = None, sampler: Any = None,
+                sparse: bool = False) -> List[Postprocessor]:
+    """The configured chain, each validated by the registry (unknown names list the known)
+    and, given the run's ``fl`` settings, set up for them (:meth:`Postprocessor.setup`)."""
     chain = []
     for index, config in enumerate(configs):
         if not isinstance(config, Mapping) or "name" not in config:
@@ -114,7 +121,10 @@ def build_chain(configs: Sequence[Mapping[str, Any]]) -> List[Postprocessor]:
                 f"fl.postprocessors[{index}] must be a mapping with a 'name' key "
                 f"(one of {registry.known('postprocessor')}), got {config!r}")
         try:
-            chain.append(registry.construct("postprocessor", config))
+            postprocessor = registry.construct("postprocessor", config)
+            if fl is not None:
+                postprocessor.setup(fl, sampler, sparse=sparse)
+            chain.append(postprocessor)
         except (ValueError, TypeError) as err:
             if isinstance(err, (registry.ConfigTypeError, registry.RegistryError)):
                 raise

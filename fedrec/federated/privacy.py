@@ -110,15 +110,10 @@ class GaussianMechanism(Postprocessor):
         if update.aux or update.scalars:
             raise ValueError(f"dp_gaussian bounds the model delta only, but this algorithm also uploads "
                              f"{sorted(update.aux) + sorted(update.scalars)}")
-        # one user, weight 1, norm <= S: unweight and clip in one in-place pass
-        weight = update.weight if update.weight else 1.0
-        norm = math.sqrt(update.sq_norm()) / abs(weight)
+        # one user, weight 1, norm <= S: unweighted and clipped in one in-place pass
+        norm = math.sqrt(update.sq_norm()) / abs(update.weight or 1.0)
         clipped = norm > self.clip_norm
-        update.scale_((self.clip_norm / norm if clipped else 1.0) / weight)
-        update.weight = 1.0
-        for row in update.rows.values():
-            row.row_weight.fill_(1.0)
-        plain = update
+        plain = update.one_vote_(scale=self.clip_norm / norm if clipped else 1.0)
         context.metrics["dp_clipped"] = context.metrics.get("dp_clipped", 0.0) + float(clipped)
         if self.mode == "local":
             seed = derive_seed(context.round.seed, context.round.round_idx, context.client_id, _NOISE_STREAM)
@@ -140,6 +135,12 @@ class GaussianMechanism(Postprocessor):
         for name in sorted(update.dense):
             tensor = update.dense[name]
             tensor.add_(torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype) * std)
+
+    def resume_fingerprint(self) -> Dict[str, Any]:
+        """The earlier rounds' noise must be a resumed run's too, or the accounting (one z
+        for every round) would be wrong: e.g. ``target_epsilon`` recalibrated for another
+        ``fl.num_rounds``."""
+        return {"noise_multiplier": float(self.noise_multiplier)}
 
     # -- reporting and the budget ---------------------------------------------------------------
     def describe(self) -> str:

@@ -12,7 +12,7 @@ the one standard training uses (``fedrec.utilities.fingerprint``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 from fedrec.utilities.checkpoint import CheckpointError, CheckpointManager, LoadedCheckpoint
 from fedrec.utilities.config import ConfigError
@@ -37,9 +37,11 @@ RESUME_MAY_CHANGE: Dict[str, str] = {
 }
 
 
-def simulation_fingerprint(config: Mapping[str, Any], dataset: Any) -> Dict[str, Any]:
+def simulation_fingerprint(config: Mapping[str, Any], dataset: Any, postprocessors: Sequence[Any] = ()
+                           ) -> Dict[str, Any]:
     """The flat fingerprint of a simulation: its resolved config less
-    :data:`RESUME_MAY_CHANGE`, plus the identity of its processed data."""
+    :data:`RESUME_MAY_CHANGE`, plus the identity of its processed data and what the
+    postprocessors derived from the config (a calibrated noise multiplier)."""
     from fedrec.federated.config import fl_config_from
 
     resolved = {name: section for name, section in config.items() if name != "fl"}
@@ -50,6 +52,8 @@ def simulation_fingerprint(config: Mapping[str, Any], dataset: Any) -> Dict[str,
             "has_users": meta.get("has_users", False),
             "source_sha256": (meta.get("source") or {}).get("sha256")}
     fingerprint.update(flatten({"data": data}))
+    derived = {f"postprocessors[{i}]": p.resume_fingerprint() for i, p in enumerate(postprocessors)}
+    fingerprint.update(flatten({"derived": {k: v for k, v in derived.items() if v}}))
     return fingerprint
 
 

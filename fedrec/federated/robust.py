@@ -4,7 +4,7 @@ A robust aggregator cannot work on the sum of the clients' uploads, so it declar
 ``aggregation = "updates"``: the backend returns every client's update (from any MPI
 process, in client-id order) and ``aggregate`` combines them. Every client has one vote,
 whatever its data size: the combination is over the clients' *plain* deltas
-(``WeightedUpdate.unweighted``), not weighted by sample counts as FedAvg's mean is, since
+(``WeightedUpdate.one_vote_``), not weighted by sample counts as FedAvg's mean is, since
 a malicious client could claim a large data set. The result goes through the server
 optimizer like FedAvg's mean delta does, so ``server_optimizer`` (momentum, Adam, ...)
 applies to robust aggregation too.
@@ -28,6 +28,7 @@ Config: ``fl_algo: {name: median}``, ``{name: trimmed_mean, trim_fraction: 0.1}`
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Annotated, Any, Callable, Dict, List, Sequence, Tuple
 
@@ -51,11 +52,8 @@ _CHUNK_NUMEL = 1 << 24
 
 
 def unit_delta(update: WeightedUpdate) -> WeightedUpdate:
-    """One client's plain delta as a one-vote update (weight 1, row weights 1)."""
-    plain = update.unweighted()
-    rows = {name: RowUpdate(r.ids, r.values, torch.ones(r.ids.numel(), dtype=torch.float64))
-            for name, r in plain.rows.items()}
-    return WeightedUpdate(plain.dense, rows, 1.0, 1)
+    """One client's plain delta as a one-vote update (weight 1, row weights 1); a copy."""
+    return copy.deepcopy(update).one_vote_()
 
 
 # -- coordinate-wise combinations ------------------------------------------------------------
@@ -267,7 +265,8 @@ class RobustAggregator(FedAvgWorker):
     aggregation = "updates"
 
     def aggregate(self, neighbours: Cohort) -> Dict[str, torch.Tensor]:
-        deltas = [unit_delta(update) for _, update in sorted(neighbours.updates.items())]
+        # the cohort's updates are the aggregator's own: made one-vote in place
+        deltas = [update.one_vote_() for _, update in sorted(neighbours.updates.items())]
         if deltas:
             self.server_step(self.combine(deltas), neighbours)
         return self.get_model()

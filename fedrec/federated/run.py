@@ -43,7 +43,7 @@ def run_simulation(config: Dict[str, Any], logdir: str | Path, resume: bool = Fa
     or the earlier run moves to ``logdir/previous/<time>/`` (fresh run).
     """
     from fedrec.federated.resume import find_resume_point, saved_partition_matches, simulation_fingerprint
-    from fedrec.federated.simulation import build_client_runner, check_simulation
+    from fedrec.federated.simulation import build_client_runner, check_simulation, final_round
     from fedrec.utilities.divergence import NonFinitePredictions
     from fedrec.utilities.logger import RunLogger, read_metrics
     from fedrec.utilities.run_dir import LogdirLock, start_writing
@@ -53,15 +53,18 @@ def run_simulation(config: Dict[str, Any], logdir: str | Path, resume: bool = Fa
     _check_backend(config)
     runner = build_client_runner(config, None, config_path, new_partition=True)  # checks; writes nothing
     check_simulation(runner)
-    fingerprint = simulation_fingerprint(config, runner.trainer.dataset)
+    fingerprint = simulation_fingerprint(config, runner.trainer.dataset, runner.postprocessors)
     skipped: List[str] = []
     notes = [f"config, data, model and client split built and checked in {time.perf_counter() - started:.2f}s"]
     with LogdirLock(logdir):
         start = find_resume_point(logdir, fingerprint, on_skip=skipped.append) if resume else None
         keep_partition = start is not None and saved_partition_matches(logdir / PARTITION_FILE, runner.partition)
-        if start is not None and start.step >= runner.fl.num_rounds:  # a finished run: leave it as it is
+        last = final_round(runner)
+        if start is not None and start.step >= last:  # a finished run: leave it as it is
+            why = ("" if last == runner.fl.num_rounds else
+                   f", or {last} within the privacy budget")
             print(f"nothing to do: {logdir} already holds {start.step} rounds (fl.num_rounds is "
-                  f"{runner.fl.num_rounds}); raise --num_rounds to run more")
+                  f"{runner.fl.num_rounds}{why}); raise --num_rounds to run more")
             return [r for r in read_metrics(logdir) if r.get("phase") == "fl"]
         # -- everything is checked: from here on the logdir changes ----------------------
         # rounds logged after the checkpoint are run (and logged) again

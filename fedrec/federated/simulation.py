@@ -53,6 +53,13 @@ def check_topology(fl: Any) -> None:
         raise registry.RegistryError(f"fl.topology {fl.topology.get('name')!r} is not supported; known: star")
 
 
+def final_round(runner: ClientRunner) -> int:
+    """The last round a run does: ``fl.num_rounds``, or fewer where a postprocessor's
+    budget (a privacy budget) ends sooner."""
+    limits = [p.max_rounds() for p in runner.postprocessors]
+    return min([runner.fl.num_rounds] + [int(n) for n in limits if n is not None])
+
+
 def build_aggregator(runner: ClientRunner, runtime: Any, persistent_storage: Optional[str]) -> FederatedWorker:
     """The aggregator worker over every client; its server state (the server optimizer)
     is built now, so that a bad value fails before round 1, naming ``fl.fl_algo``."""
@@ -120,19 +127,16 @@ class Simulation:
         self.logger.info(f"data, model and partition ({self.fl.partitioner.get('name')}) ready{took}: "
                          f"{self.partition.describe(labels=labels)}")
         self.seed = self.fl.seed
-        self.fingerprint = simulation_fingerprint(config, trainer.dataset)  # checked on resume
+        # checked on --resume
+        self.fingerprint = simulation_fingerprint(config, trainer.dataset, self.runner.postprocessors)
         self.per_row_embeddings = self.runner.per_row_embeddings
         self.postprocessors = self.runner.postprocessors
-        for postprocessor in self.postprocessors:
-            if postprocessor.describe():
-                self.logger.info(postprocessor.describe())
-        # fl.num_rounds, or fewer where a postprocessor's budget (epsilon) ends sooner
-        limits = [p.max_rounds() for p in self.postprocessors]
-        self.final_round = min([self.fl.num_rounds] + [int(n) for n in limits if n is not None])
+        for line in filter(None, (p.describe() for p in self.postprocessors)):
+            self.logger.info(line)
+        self.final_round = final_round(self.runner)
         self.global_state: Dict[str, torch.Tensor] = {
             k: v.detach().clone() for k, v in trainer.model.state_dict().items()
         }
-        self.algorithm = self.runner.algorithm
         self.aggregator = build_aggregator(self.runner, self, str(self.logdir / "aggregator"))
         self.backend = backend or make_backend(self.fl.backend, self.runner, config, self.logdir,
                                                processes=self.fl.mpi_processes, config_path=config_path)
@@ -166,11 +170,9 @@ class Simulation:
         unknown = [i for i in ids if i not in worker.in_neighbours]
         if unknown:
             raise InvalidStateError(f"aggregator asked non-neighbours {unknown[:5]} for models")
-        expected = self.sampler.expected_cohort(len(worker.in_neighbours), self.fl.client_num_per_round)
         context = RoundContext(self.round_idx, self.seed, server_values=worker.server_values(),
                                postprocessor_values=chain_broadcast(self.postprocessors),
-                               checkpointed_round=self.checkpointed_round, cohort_size=len(ids),
-                               expected_cohort=expected)
+                               checkpointed_round=self.checkpointed_round)
         blocks = make_blocks(ids, self.fl.reduce_blocks)
         results = self.backend.run_round(context, blocks, self.global_state)
         stats = sorted((s for r in results for s in r.stats), key=lambda s: s.client_id)
@@ -189,7 +191,7 @@ class Simulation:
             if stat.client_id in models:
                 neighbour.model = models[stat.client_id][1]
             out.append(neighbour)
-        return Cohort(out, reduced=reduced, updates=dict(sorted(updates.items())), expected_size=expected)
+        return Cohort(out, reduced=reduced, updates=dict(sorted(updates.items())))
 
     def train(self, worker: FederatedWorker, model_dir: Optional[str] = None):
         raise InvalidStateError("the aggregator does not train in a star topology")
@@ -280,12 +282,14 @@ class Simulation:
         self.checkpointed_round = self.round_idx
 
     def resume(self, checkpoint: Optional[LoadedCheckpoint] = None) -> bool:
-        """Continue from ``checkpoint`` or the newest intact one (an unreadable newer file
-        is skipped with a warning); a checkpoint of another config is refused."""
-        checkpoint = checkpoint or self.saver.load_newest_intact(on_skip=self.logger.warning)
+        """Continue from ``checkpoint`` (already checked, as ``find_resume_point`` gives it)
+        or the newest intact one (an unreadable newer file is skipped with a warning; one
+        of another config is refused)."""
         if checkpoint is None:
-            return False
-        check_fingerprint(checkpoint, self.fingerprint)
+            checkpoint = self.saver.load_newest_intact(on_skip=self.logger.warning)
+            if checkpoint is None:
+                return False
+            check_fingerprint(checkpoint, self.fingerprint)
         path, state = checkpoint.path, checkpoint.state
         self.update_model(self.aggregator, state["global"])
         self.round_idx = self.checkpointed_round = int(state["round"])

@@ -168,15 +168,17 @@ class WeightedUpdate:
             self.rows[name] = RowUpdate(row.ids, row.values * float(factor), row.row_weight)
         return self
 
-    def unweighted(self) -> "WeightedUpdate":
-        """A one-client update's plain delta (values divided by its weight)."""
+    def one_vote_(self, scale: float = 1.0) -> "WeightedUpdate":
+        """In place: one client's update as its plain delta (times ``scale``) with weight 1
+        and row weights 1, so that it counts once whatever its data size (robust
+        aggregation, user-level DP)."""
         if self.num_clients != 1:
-            raise ValueError(f"unweighted() is for one client's update, this one sums {self.num_clients}")
-        factor = 1.0 / self.weight if self.weight else 0.0
-        out = WeightedUpdate({k: v * factor for k, v in self.dense.items()},
-                             {k: RowUpdate(r.ids, r.values * factor, r.row_weight) for k, r in self.rows.items()},
-                             self.weight, 1)
-        return out
+            raise ValueError(f"one_vote_() is for one client's update, this one sums {self.num_clients}")
+        self.scale_(scale / self.weight if self.weight else 0.0)
+        self.weight = 1.0
+        self.rows = {k: RowUpdate(r.ids, r.values, torch.ones(r.ids.numel(), dtype=torch.float64))
+                     for k, r in self.rows.items()}
+        return self
 
     def apply_mean_(self, state: Mapping[str, Tensor], per_row: bool = False,
                     denominator: Optional[float] = None) -> None:
