@@ -1,13 +1,17 @@
-"""User-level DP-FedAvg: quality at several epsilons, and what DP costs a round.
+"""User-level DP-FedAvg, dense and sparsity-preserving: quality at several epsilons,
+bytes per round, and what DP costs a round.
 
     .venv/bin/python benchmarks/fl_privacy.py [--rows 200000] [--rounds 30] [--workers 10000]
+        [--modes dense,sparse]
 
 The demo DLRM on synthetic Criteo-format data, ``--workers`` workers (IID split),
 Poisson sampling at the rate that gives about 500 clients per round, ``--rounds`` rounds,
-5 local epochs at lr 0.5 (``--local-epochs``, ``--local-lr``), FedAvg's server step; ``dp_gaussian`` with clip norm
-``--clip``, noise calibrated to epsilon 1, 3 and 8 at delta = 1/workers, against no DP.
-Prints one JSON line per setting (AUC, log loss, epsilon, bytes per round, seconds per
-round) and the DP round-time ratio (noise on vs off, the same cohort sizes).
+5 local epochs at lr 0.5 (``--local-epochs``, ``--local-lr``), FedAvg's server step.
+``dense``: dense embedding updates and ``dp_gaussian``; ``sparse``: sparse embedding-row
+updates and ``dp_adafest`` (the rows to update privately selected each round). Each with
+clip norm ``--clip``, noise calibrated to epsilon 1, 3 and 8 at delta = 1/workers, against
+no DP in the same mode. Prints one JSON line per setting (AUC, log loss, epsilon, bytes
+per round, rows selected, seconds per round) and the DP round-time ratio (noise on vs off).
 """
 
 from __future__ import annotations
@@ -21,12 +25,15 @@ from typing import Any, Dict, Optional
 from _common import emit, make_data
 
 
-def run(config: Dict[str, Any], workdir: Path, name: str, epsilon: Optional[float], clip: float) -> Dict[str, Any]:
+def run(config: Dict[str, Any], workdir: Path, name: str, epsilon: Optional[float], clip: float,
+        mode: str = "dense", sparse_dp: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     from fedrec.federated.simulation import Simulation
 
     config = copy.deepcopy(config)
+    config["fl"]["embedding_updates"] = mode
     if epsilon is not None:
-        config["fl"]["postprocessors"] = [{"name": "dp_gaussian", "clip_norm": clip, "target_epsilon": epsilon}]
+        mechanism = {"name": "dp_gaussian"} if mode == "dense" else {"name": "dp_adafest", **(sparse_dp or {})}
+        config["fl"]["postprocessors"] = [{**mechanism, "clip_norm": clip, "target_epsilon": epsilon}]
     sim = Simulation(config, workdir / f"fl-{name}")
     try:
         history = sim.run()
@@ -34,11 +41,13 @@ def run(config: Dict[str, Any], workdir: Path, name: str, epsilon: Optional[floa
         sim.close()
     last = history[-1]
     seconds = sorted(row["round_seconds"] for row in history[1:])
-    result = {"setting": name, "target_epsilon": epsilon, "epsilon": last.get("epsilon"),
-              "noise_multiplier": (last.get("dp_noise_std") or 0) / clip if epsilon else 0.0,
+    result = {"setting": name, "mode": mode, "target_epsilon": epsilon, "epsilon": last.get("epsilon"),
+              "update_noise_multiplier": (last.get("dp_noise_std") or 0) / clip if epsilon else 0.0,
               "auc": last["roc_auc"], "log_loss": last["log_loss"],
               "clients_per_round": sum(row["clients"] for row in history) / len(history),
               "bytes_up_per_round": sum(row["bytes_up"] for row in history) / len(history),
+              "bytes_down_per_round": sum(row["bytes_down"] for row in history) / len(history),
+              "rows_selected_per_round": sum(row.get("dp_rows_selected", 0) for row in history) / len(history),
               "median_round_seconds": seconds[len(seconds) // 2]}
     emit(bench="fl_privacy", **result)
     return result
@@ -55,6 +64,9 @@ def main() -> None:
     parser.add_argument("--local-lr", type=float, default=0.5)
     parser.add_argument("--epsilons", default="8,3,1")
     parser.add_argument("--skip-plain", action="store_true")
+    parser.add_argument("--modes", default="dense,sparse")
+    parser.add_argument("--selection-noise-ratio", type=float, default=1.0)
+    parser.add_argument("--contribution-clip", type=float, default=1.0)
     parser.add_argument("--workdir")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,11 +76,14 @@ def main() -> None:
                              "num_rounds": args.rounds, "eval_every_n_rounds": args.rounds,
                              "sampler": {"name": "poisson"}, "partitioner": {"name": "iid"},
                              "local_epochs": args.local_epochs, "local_lr": args.local_lr})
-        plain = None if args.skip_plain else run(config, workdir, "no_dp", None, args.clip)
-        results = [run(config, workdir, f"eps_{e}", float(e), args.clip) for e in args.epsilons.split(",") if e]
-        if plain and results:
-            emit(bench="fl_privacy_overhead",
-                 dp_over_plain_round_seconds=results[0]["median_round_seconds"] / plain["median_round_seconds"])
+        sparse_dp = {"selection_noise_ratio": args.selection_noise_ratio, "contribution_clip": args.contribution_clip}
+        for mode in args.modes.split(","):
+            plain = None if args.skip_plain else run(config, workdir, f"{mode}_no_dp", None, args.clip, mode)
+            results = [run(config, workdir, f"{mode}_eps_{e}", float(e), args.clip, mode, sparse_dp)
+                       for e in args.epsilons.split(",") if e]
+            if plain and results:
+                emit(bench="fl_privacy_overhead", mode=mode,
+                     dp_over_plain_round_seconds=results[0]["median_round_seconds"] / plain["median_round_seconds"])
 
 
 if __name__ == "__main__":

@@ -156,7 +156,9 @@ class ClientRunner:
         self.sparse_mode = fl.embedding_updates == "sparse"
         self.dense_names = [n for n in self.replica if not (self.sparse_mode and n in self.table_names)]
         self.sampler = registry.construct("sampler", fl.sampler)
-        self.postprocessors = build_chain(fl.postprocessors, fl, self.sampler, sparse=self.sparse_mode)
+        self.postprocessors = build_chain(fl.postprocessors, fl, self.sampler, sparse=self.sparse_mode,
+                                          tables={n: int(self.replica[n].shape[0]) for n in self.table_names
+                                                  if n in self.replica})
         self._check_mode()
         from fedrec.federated.attacks import build_attack
 

@@ -16,7 +16,7 @@ A postprocessor with state (an adaptive clipping bound) keeps it on rank 0
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Dict, List, Mapping, Sequence
+from typing import Annotated, Any, Dict, List, Mapping, Optional, Sequence
 
 import pydantic
 
@@ -45,8 +45,18 @@ class Postprocessor:
         (e.g. a DP mechanism calibrates its noise from the sampling rate and rounds);
         raise ``ValueError`` naming the key for a setting it cannot work with."""
 
+    def bind_tables(self, tables: Mapping[str, int]) -> None:
+        """The model's embedding tables, ``{parameter name: rows}``, given before ``setup``
+        (a mechanism that works on rows the clients did not send needs their sizes)."""
+
     def round_metrics(self, rounds_done: int) -> Dict[str, float]:
         """Numbers for the metrics line after ``rounds_done`` rounds (e.g. epsilon)."""
+        return {}
+
+    def round_byte_corrections(self) -> Dict[str, int]:
+        """Bytes to add to the round's ``bytes_up``/``bytes_down`` (negative: fewer) that
+        only the server side knows after this round's sum (e.g. a second protocol phase
+        that sends fewer rows than the clients counted); called on rank 0."""
         return {}
 
     def resume_fingerprint(self) -> Dict[str, Any]:
@@ -111,9 +121,10 @@ class NormBound(L2Clip):
 
 
 def build_chain(configs: Sequence[Mapping[str, Any]], fl: Any = None, sampler: Any = None,
-                sparse: bool = False) -> List[Postprocessor]:
+                sparse: bool = False, tables: Optional[Mapping[str, int]] = None) -> List[Postprocessor]:
     """The configured chain, each validated by the registry (unknown names list the known)
-    and, given the run's ``fl`` settings, set up for them (:meth:`Postprocessor.setup`)."""
+    and, given the run's ``fl`` settings, set up for them (:meth:`Postprocessor.setup`;
+    ``tables`` are the embedding tables' row counts, for :meth:`Postprocessor.bind_tables`)."""
     chain = []
     for index, config in enumerate(configs):
         if not isinstance(config, Mapping) or "name" not in config:
@@ -122,6 +133,7 @@ def build_chain(configs: Sequence[Mapping[str, Any]], fl: Any = None, sampler: A
                 f"(one of {registry.known('postprocessor')}), got {config!r}")
         try:
             postprocessor = registry.construct("postprocessor", config)
+            postprocessor.bind_tables(dict(tables or {}))
             if fl is not None:
                 postprocessor.setup(fl, sampler, sparse=sparse)
             chain.append(postprocessor)

@@ -231,6 +231,8 @@ class Simulation:
                 row[key] = row.get(key, 0.0) + value
         for postprocessor in self.postprocessors:  # e.g. epsilon spent so far
             row.update(postprocessor.round_metrics(self.round_idx + 1))
+            for key, extra in postprocessor.round_byte_corrections().items():
+                row[key] += extra
         for key in ("bytes_down", "bytes_up", "samples", "clients"):
             self.totals[key] += row[key]
         check_round(row, self.round_idx + 1)  # nan: stop before evaluating and saving

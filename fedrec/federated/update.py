@@ -130,7 +130,8 @@ class WeightedUpdate:
                     or set(self.aux) != set(other.aux) or set(self.scalars) != set(other.scalars)):
                 raise ValueError("cannot add updates over different parameters")
             names = list(self.dense)
-            torch._foreach_add_([self.dense[n] for n in names], [other.dense[n] for n in names])
+            if names:  # (an update of rows only, e.g. a DP contribution map, has no dense part)
+                torch._foreach_add_([self.dense[n] for n in names], [other.dense[n] for n in names])
             for name, row in other.rows.items():
                 self.rows[name] = self.rows[name] + row
             for name, aux in other.aux.items():
