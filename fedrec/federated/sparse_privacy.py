@@ -97,8 +97,8 @@ class SparseGaussianMechanism(GaussianMechanism):
                              "is not private)")
         super().setup(fl, sampler, sparse=False)
         self.value_bytes = fl.value_bytes
-        if self.threshold_setting is None:  # 3 standard deviations of the selection noise, at least 1 client
-            self.threshold = max(3.0 * self.count_noise_std, self._client_contribution(1))
+        if self.threshold_setting is None:  # 3 standard deviations of the selection noise: about 0.13%
+            self.threshold = 3.0 * self.count_noise_std  # of the rows nobody touched pass
         else:
             self.threshold = float(self.threshold_setting)
 
@@ -232,6 +232,7 @@ class SparseGaussianMechanism(GaussianMechanism):
         metrics = super().round_metrics(rounds_done)
         metrics.update({k: v for k, v in self._round.items() if not k.startswith("_")})
         metrics["dp_count_noise_std"] = self.count_noise_std
+        metrics["dp_noise_multiplier"] = float(self.noise_multiplier)  # z of the accountant (both steps)
         return metrics
 
     def resume_fingerprint(self) -> Dict[str, Any]:
