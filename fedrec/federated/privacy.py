@@ -60,18 +60,17 @@ def update_noise_multiplier(total: float, count_stddev: float) -> float:
     """The update noise multiplier z_Delta that leaves a total of ``total`` = z when the
     unclipped count gets noise of std ``count_stddev`` = sigma_b.
 
-    Derivation (Andrew et al. 2021, the noise split of the private quantile estimate;
-    TFF's ``gaussian_adaptive`` computes the same): a round releases two noisy sums of
-    the cohort, the clipped updates (L2 sensitivity C, noise std z_Delta C on every
-    coordinate) and the centred indicators sum_i (b_i - 1/2) (sensitivity 1/2: adding or
-    removing one user moves it by exactly 1/2; centring is what halves it from 1; noise
-    std sigma_b). Dividing each sum by its
-    noise std gives one vector with unit isotropic Gaussian noise, in which one user moves
-    the values by at most sqrt((C / (z_Delta C))^2 + ((1/2) / sigma_b)^2). The round is
-    therefore exactly *one* Gaussian mechanism with noise multiplier z where
-    z^-2 = z_Delta^-2 + (2 sigma_b)^-2, i.e. z_Delta = (z^-2 - (2 sigma_b)^-2)^(-1/2):
-    the accountant keeps composing one Poisson-subsampled Gaussian(z) per round, and the
-    clip norm C (a function of earlier rounds' noisy outputs) is adaptive composition.
+    Derivation (Andrew et al. 2021, the noise split of the private quantile estimate; TFF's
+    ``gaussian_adaptive`` computes the same): a round releases two noisy sums of the cohort,
+    the clipped updates (L2 sensitivity C, noise std z_Delta C on every coordinate) and the
+    centred indicators sum_i (b_i - 1/2) (sensitivity 1/2: adding or removing one user moves
+    it by exactly 1/2; centring is what halves it from 1; noise std sigma_b). Dividing each
+    sum by its noise std gives one vector with unit isotropic Gaussian noise, in which one
+    user moves the values by at most sqrt((C / (z_Delta C))^2 + ((1/2) / sigma_b)^2). The
+    round is therefore exactly *one* Gaussian mechanism with noise multiplier z where z^-2 =
+    z_Delta^-2 + (2 sigma_b)^-2, i.e. z_Delta = (z^-2 - (2 sigma_b)^-2)^(-1/2): the
+    accountant keeps composing one Poisson-subsampled Gaussian(z) per round, and the clip
+    norm C (a function of earlier rounds' noisy outputs) is adaptive composition.
     Defined only for z < 2 sigma_b; z = 0 (no privacy) gives z_Delta = 0.
     """
     if total == 0:
