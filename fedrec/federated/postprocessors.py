@@ -10,7 +10,8 @@ counterparts after it.
 
 A postprocessor with state (an adaptive clipping bound) keeps it on rank 0
 (``state_dict`` goes into the checkpoint) and sends what clients need with the round
-(``broadcast``, read back from ``RoundContext.postprocessor_values``).
+(``broadcast``, read back on the clients with :meth:`Postprocessor.received`: every
+process builds its own chain, so a client must never read rank 0's state directly).
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ class Postprocessor:
     """Identity by default; override the side(s) a transform needs."""
 
     name = "postprocessor"
+    #: index in the configured chain (set by :func:`build_chain`): the prefix of this
+    #: postprocessor's keys in ``RoundContext.postprocessor_values``
+    position: int = 0
 
     def postprocess_client(self, update: WeightedUpdate, context: ClientContext) -> WeightedUpdate:
         """One client's update (``num_clients == 1``) before the block sum."""
@@ -75,6 +79,15 @@ class Postprocessor:
     def broadcast(self) -> Dict[str, float]:
         """Values clients need this round (keys are prefixed with the chain position)."""
         return {}
+
+    def received(self, context: RoundContext, key: str) -> float:
+        """This postprocessor's own broadcast value ``key`` for the round (client side)."""
+        name = broadcast_key(self.position, key)
+        try:
+            return context.postprocessor_values[name]
+        except KeyError:
+            raise KeyError(f"{self.name}: the round carries no broadcast value {name!r} "
+                           f"(has {sorted(context.postprocessor_values)})") from None
 
     def state_dict(self) -> Dict[str, Any]:
         return {}
@@ -133,6 +146,7 @@ def build_chain(configs: Sequence[Mapping[str, Any]], fl: Any = None, sampler: A
                 f"(one of {registry.known('postprocessor')}), got {config!r}")
         try:
             postprocessor = registry.construct("postprocessor", config)
+            postprocessor.position = index
             postprocessor.bind_tables(dict(tables or {}))
             if fl is not None:
                 postprocessor.setup(fl, sampler, sparse=sparse)
@@ -146,8 +160,14 @@ def build_chain(configs: Sequence[Mapping[str, Any]], fl: Any = None, sampler: A
     return chain
 
 
+def broadcast_key(position: int, key: str) -> str:
+    """The name a broadcast value ``key`` of the chain's ``position``-th postprocessor has
+    in ``RoundContext.postprocessor_values``."""
+    return f"{position}.{key}"
+
+
 def chain_broadcast(chain: Sequence[Postprocessor]) -> Dict[str, float]:
-    return {f"{i}.{k}": v for i, p in enumerate(chain) for k, v in p.broadcast().items()}
+    return {broadcast_key(i, k): v for i, p in enumerate(chain) for k, v in p.broadcast().items()}
 
 
 def run_client_chain(chain: Sequence[Postprocessor], update: WeightedUpdate,
