@@ -82,7 +82,7 @@ class SparseGaussianMechanism(GaussianMechanism):
         self.threshold = 0.0
         self.table_rows: Dict[str, int] = {}
         self.value_bytes = 4
-        self._round: Dict[str, float] = {}
+        self._selection: Dict[str, float] = {}
 
     def bind_tables(self, tables: Mapping[str, int]) -> None:
         self.table_rows = dict(tables)
@@ -137,7 +137,7 @@ class SparseGaussianMechanism(GaussianMechanism):
     # -- server side --------------------------------------------------------------------------
     def postprocess_server(self, update: WeightedUpdate, context: RoundContext) -> WeightedUpdate:
         contribution = update.aux.pop(CONTRIBUTION, None)
-        self._round = {"dp_rows_touched": 0.0, "dp_rows_selected": 0.0, "dp_rows_noise_only": 0.0,
+        self._selection = {"dp_rows_touched": 0.0, "dp_rows_selected": 0.0, "dp_rows_noise_only": 0.0,
                        "dp_rows_dropped": 0.0, "_bytes_saved": 0.0}
         if not update.num_clients or contribution is None:
             return super().postprocess_server(update, context)
@@ -148,7 +148,7 @@ class SparseGaussianMechanism(GaussianMechanism):
             counts = contribution.rows[name]
             selected = self._select(name, counts, generator, rng)
             row_bytes = int(update.rows[name].values.shape[1]) * self.value_bytes
-            self._round["_bytes_saved"] += self._phase_two_saving(counts, selected, row_bytes)
+            self._selection["_bytes_saved"] += self._phase_two_saving(counts, selected, row_bytes)
             update.rows[name] = self._restrict(update.rows[name], selected, generator)
         # the MLPs: dense noise z2 S from the round's seed, and the fixed denominator
         return super().postprocess_server(update, context)
@@ -162,8 +162,8 @@ class SparseGaussianMechanism(GaussianMechanism):
             noisy.add_(torch.randn(noisy.shape, generator=generator, dtype=noisy.dtype) * std)
         chosen = counts.ids[noisy > self.threshold]
         extra = self._untouched_above_threshold(name, counts.ids, rng)
-        self._round["dp_rows_touched"] += counts.ids.numel()
-        self._round["dp_rows_noise_only"] += extra.numel()
+        self._selection["dp_rows_touched"] += counts.ids.numel()
+        self._selection["dp_rows_noise_only"] += extra.numel()
         return torch.unique(torch.cat([chosen, extra]), sorted=True)
 
     def _untouched_above_threshold(self, name: str, touched: torch.Tensor, rng: np.random.Generator
@@ -206,10 +206,10 @@ class SparseGaussianMechanism(GaussianMechanism):
             kept = selected[positions] == rows.ids
             values.index_copy_(0, positions[kept], rows.values[kept])
             weight.index_copy_(0, positions[kept], rows.row_weight[kept])
-            self._round["dp_rows_dropped"] += float((~kept).sum())
+            self._selection["dp_rows_dropped"] += float((~kept).sum())
         else:
-            self._round["dp_rows_dropped"] += float(rows.ids.numel())
-        self._round["dp_rows_selected"] += selected.numel()
+            self._selection["dp_rows_dropped"] += float(rows.ids.numel())
+        self._selection["dp_rows_selected"] += selected.numel()
         std = self.noise_std
         if std > 0 and selected.numel():
             values.add_(torch.randn(values.shape, generator=generator, dtype=values.dtype) * std)
@@ -226,11 +226,11 @@ class SparseGaussianMechanism(GaussianMechanism):
 
     # -- reporting ------------------------------------------------------------------------------
     def round_byte_corrections(self) -> Dict[str, int]:
-        return {"bytes_up": -int(self._round.pop("_bytes_saved", 0.0))}  # consumed: once per round
+        return {"bytes_up": -int(self._selection.pop("_bytes_saved", 0.0))}  # consumed: once per round
 
     def round_metrics(self, rounds_done: int) -> Dict[str, float]:
         metrics = super().round_metrics(rounds_done)
-        metrics.update({k: v for k, v in self._round.items() if not k.startswith("_")})
+        metrics.update({k: v for k, v in self._selection.items() if not k.startswith("_")})
         metrics["dp_count_noise_std"] = self.count_noise_std
         metrics["dp_noise_multiplier"] = float(self.noise_multiplier)  # z of the accountant (both steps)
         return metrics
