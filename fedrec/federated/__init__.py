@@ -12,6 +12,7 @@ from fedrec.federated import (  # noqa: F401  (registrations)
     robust,
     samplers,
     scaffold,
+    secure_aggregation,
 )
 from fedrec.federated.config import FLConfig  # noqa: F401
 from fedrec.federated.fed_avg import FedAvgWorker  # noqa: F401
