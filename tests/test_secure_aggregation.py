@@ -12,19 +12,27 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from test_fl_simulation import assert_same_weights, run
 
 from fedrec.federated import client_runner, simulation
 from fedrec.federated.config import FLConfig
 from fedrec.federated.context import ClientContext, RoundContext
-from fedrec.federated.secure_aggregation import (KEY_BYTES, SHARE_MESSAGE_BYTES, SecureAggregationError, agree,
-                                                 client_secret, is_dropped, prg, private_key, public_bytes,
-                                                 self_mask_key)
+from fedrec.federated.secure_aggregation import (
+    KEY_BYTES,
+    SHARE_MESSAGE_BYTES,
+    SecureAggregationError,
+    agree,
+    client_secret,
+    is_dropped,
+    prg,
+    private_key,
+    public_bytes,
+    self_mask_key,
+)
 from fedrec.federated.simulation import Simulation
 from fedrec.federated.update import WeightedUpdate
 from fedrec.utilities import registry
 from fedrec.utilities.logger import MemoryLogger
-
-from test_fl_simulation import assert_same_weights, run
 
 #: 24-bit quantization of [-1, 1]: the test clients' weights (data sizes) stay below 1,000
 SA = {"name": "secure_aggregation", "max_weight": 1000.0, "quantization_bits": 24, "field_bits": 32}
@@ -164,7 +172,7 @@ def test_one_masked_upload_alone_looks_uniform_and_uncorrelated():
 
 def test_dropouts_recover_the_survivors_sum(config, tmp_path, recorded):
     sa = {"dropout_rate": 0.3}
-    secure_sim, history = run(secagg_config(config, **sa), tmp_path / "secure")
+    _, history = run(secagg_config(config, **sa), tmp_path / "secure")
     row = history[0]
     cohort = sorted(recorded["clients"][0])
     dropped = [c for c in cohort if is_dropped(config["fl"]["seed"], 0, c, 0.3)]

@@ -39,12 +39,15 @@ from typing import Annotated, Any, Dict, List, Mapping, Optional, Sequence, Tupl
 import numpy as np
 import pydantic
 import torch
+from Crypto.Protocol.SecretSharing import Shamir
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import (
+    X25519PrivateKey,
+    X25519PublicKey,
+)
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from Crypto.Protocol.SecretSharing import Shamir
 
 from fedrec.federated.context import ClientContext, RoundContext
 from fedrec.federated.postprocessors import Postprocessor
@@ -175,7 +178,7 @@ class RoundPlan:
         holders = len(self.holders(client))
         if self._threshold is not None:
             return int(self._threshold)
-        return min(holders, int(math.floor(self._fraction * holders)) + 1)
+        return min(holders, math.floor(self._fraction * holders) + 1)
 
 
 def is_dropped(seed: int, round_idx: int, client: int, dropout_rate: float) -> bool:
@@ -257,7 +260,7 @@ class SecureAggregation(Postprocessor):
         expected = sampler.expected_cohort(fl.num_workers, fl.client_num_per_round)
         if isinstance(sampler, PoissonSampler):  # the cohort varies: leave 3x headroom
             expected = 3 * expected
-        self.max_clients = min(fl.num_workers, max(1, int(math.ceil(expected))))
+        self.max_clients = min(fl.num_workers, max(1, math.ceil(expected)))
         self._check_field(self.max_clients)
 
     def _check_field(self, clients: int) -> None:
