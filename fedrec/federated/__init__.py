@@ -12,6 +12,7 @@ from fedrec.federated import (  # noqa: F401  (registrations)
     robust,
     samplers,
     scaffold,
+    secure_aggregation,
     sparse_privacy,
 )
 from fedrec.federated.config import FLConfig  # noqa: F401

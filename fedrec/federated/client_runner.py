@@ -297,9 +297,9 @@ class ClientRunner:
         finally:
             worker.context = None
         train = context.train_result or LocalTrainResult(0, 0, 0.0)
+        bytes_down = self._download_bytes(context) + context.extra_bytes_down
         result.stats.append(ClientStats(cid, int(worker.sample_num), train.num_samples, train.num_steps,
-                                        train.loss_sum, self._download_bytes(context), bytes_up,
-                                        dict(context.metrics)))
+                                        train.loss_sum, bytes_down, bytes_up, dict(context.metrics)))
         return upload
 
     def _upload(self, worker: FederatedWorker, context: ClientContext) -> Tuple[Any, int]:
@@ -311,7 +311,8 @@ class ClientRunner:
         if self.attack is not None and self.attack.is_malicious(context.client_id):
             update = self.attack.poison_update(update, context)
         update = run_client_chain(self.postprocessors, update, context)
-        return update, update.nbytes(self.fl.value_bytes)
+        value_bytes = context.upload_value_bytes or self.fl.value_bytes
+        return update, update.nbytes(value_bytes) + context.extra_bytes_up
 
     def _save_state(self, worker: FederatedWorker, context: ClientContext) -> None:
         if context.new_state is None and worker.extra == context.extra:

@@ -40,6 +40,9 @@ class RoundContext:
     #: rounds completed at the newest checkpoint: client-state versions older than the
     #: newest one before it may be pruned, since a resume never reads them
     checkpointed_round: int = 0
+    #: the round's cohort, ascending (every client id the server selected): protocols
+    #: among the clients (secure aggregation's pairwise masks) need to know who takes part
+    cohort: List[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -77,6 +80,13 @@ class ClientContext:
     #: ``() -> {table: row ids}`` its data touch, also in dense mode (computed on demand)
     rows_of_client: Any = None
     _rows_cache: Optional[Dict[str, Tensor]] = None
+    #: bytes per number of the upload when a postprocessor re-encodes it (secure
+    #: aggregation's ring elements); None: ``fl.value_bytes``
+    upload_value_bytes: Optional[int] = None
+    #: bytes a postprocessor's own protocol moves beside the model (secure aggregation's
+    #: keys and shares), added to the client's ``bytes_down`` / ``bytes_up``
+    extra_bytes_down: int = 0
+    extra_bytes_up: int = 0
 
     def table_rows(self) -> Dict[str, Tensor]:
         """Embedding rows this client's data touch, per table (dense mode too): the only

@@ -172,7 +172,7 @@ class Simulation:
             raise InvalidStateError(f"aggregator asked non-neighbours {unknown[:5]} for models")
         context = RoundContext(self.round_idx, self.seed, server_values=worker.server_values(),
                                postprocessor_values=chain_broadcast(self.postprocessors),
-                               checkpointed_round=self.checkpointed_round)
+                               checkpointed_round=self.checkpointed_round, cohort=sorted(int(i) for i in ids))
         blocks = make_blocks(ids, self.fl.reduce_blocks)
         results = self.backend.run_round(context, blocks, self.global_state)
         stats = sorted((s for r in results for s in r.stats), key=lambda s: s.client_id)

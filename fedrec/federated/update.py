@@ -119,7 +119,10 @@ class WeightedUpdate:
         return cls(dict(zip(names, deltas)), rows, float(weight), 1)
 
     def add_(self, other: "WeightedUpdate") -> "WeightedUpdate":
-        """In-place sum (``self`` first, then ``other``: the order is part of the result)."""
+        """In-place sum (``self`` first, then ``other``: the order is part of the result).
+        An update of no clients adds nothing (a dropped client's upload that never came)."""
+        if not other.num_clients:
+            return self
         if not self.num_clients:
             self.dense = {k: v.clone() for k, v in other.dense.items()}
             self.rows = dict(other.rows)
