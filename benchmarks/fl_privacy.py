@@ -26,13 +26,15 @@ from _common import emit, make_data
 
 
 def run(config: Dict[str, Any], workdir: Path, name: str, epsilon: Optional[float], clip: float,
-        mode: str = "dense", sparse_dp: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        mode: str = "dense", sparse_dp: Optional[Dict[str, Any]] = None,
+        dense_dp: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     from fedrec.federated.simulation import Simulation
 
     config = copy.deepcopy(config)
     config["fl"]["embedding_updates"] = mode
     if epsilon is not None:
-        mechanism = {"name": "dp_gaussian"} if mode == "dense" else {"name": "dp_adafest", **(sparse_dp or {})}
+        mechanism = {"name": "dp_gaussian", **(dense_dp or {})} if mode == "dense" else \
+            {"name": "dp_adafest", **(sparse_dp or {})}
         config["fl"]["postprocessors"] = [{**mechanism, "clip_norm": clip, "target_epsilon": epsilon}]
     sim = Simulation(config, workdir / f"fl-{name}")
     try:
@@ -48,6 +50,7 @@ def run(config: Dict[str, Any], workdir: Path, name: str, epsilon: Optional[floa
               "bytes_up_per_round": sum(row["bytes_up"] for row in history) / len(history),
               "bytes_down_per_round": sum(row["bytes_down"] for row in history) / len(history),
               "rows_selected_per_round": sum(row.get("dp_rows_selected", 0) for row in history) / len(history),
+              "final_clip_norm": last.get("dp_clip_norm"),
               "median_round_seconds": seconds[len(seconds) // 2]}
     emit(bench="fl_privacy", **result)
     return result
@@ -67,6 +70,8 @@ def main() -> None:
     parser.add_argument("--modes", default="dense,sparse")
     parser.add_argument("--selection-noise-ratio", type=float, default=1.0)
     parser.add_argument("--contribution-clip", type=float, default=1.0)
+    parser.add_argument("--adaptive-quantile", type=float, default=None,
+                        help="dense mode: dp_gaussian with adaptive clipping to this quantile (clip starts at --clip)")
     parser.add_argument("--workdir")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,9 +82,12 @@ def main() -> None:
                              "sampler": {"name": "poisson"}, "partitioner": {"name": "iid"},
                              "local_epochs": args.local_epochs, "local_lr": args.local_lr})
         sparse_dp = {"selection_noise_ratio": args.selection_noise_ratio, "contribution_clip": args.contribution_clip}
+        dense_dp = None if args.adaptive_quantile is None else \
+            {"adaptive_clipping": {"target_quantile": args.adaptive_quantile}}
         for mode in args.modes.split(","):
             plain = None if args.skip_plain else run(config, workdir, f"{mode}_no_dp", None, args.clip, mode)
-            results = [run(config, workdir, f"{mode}_eps_{e}", float(e), args.clip, mode, sparse_dp)
+            suffix = "_adaptive" if dense_dp and mode == "dense" else ""
+            results = [run(config, workdir, f"{mode}_eps_{e}{suffix}", float(e), args.clip, mode, sparse_dp, dense_dp)
                        for e in args.epsilons.split(",") if e]
             if plain and results:
                 emit(bench="fl_privacy_overhead", mode=mode,

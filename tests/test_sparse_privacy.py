@@ -82,24 +82,21 @@ def test_contribution_map_is_clipped_over_all_tables():
     dp = mechanism(contribution_clip=2.0, tables={"a": 100, "b": 100})
     update, context = _client(0, {"a": range(10), "b": range(6)})
     out = dp.postprocess_client(update, context)
-    share = out.aux["dp_contribution"]
-    values = torch.cat([share.rows["a"].values, share.rows["b"].values])
+    assert out.rows["a"].values.shape == (10, 5)  # the 4 values, then the contribution
+    values = torch.cat([out.rows["a"].values[:, -1], out.rows["b"].values[:, -1]])
     assert float(values.norm()) == pytest.approx(2.0)  # 16 rows of 2 / 4 each
     assert torch.all(values == 0.5)
     small, context = _client(1, {"a": [3], "b": []})
-    assert float(dp.postprocess_client(small, context).aux["dp_contribution"].rows["a"].values) == 1.0
+    assert float(dp.postprocess_client(small, context).rows["a"].values[0, -1]) == 1.0
 
 
 def _server_round(dp, counts, round_idx=0, seed=5, dim=4):
     """Reduced update whose table ``t`` has contribution ``counts`` {row: value}."""
     ids = torch.tensor(sorted(counts), dtype=torch.int64)
-    contribution = WeightedUpdate({}, {"t": RowUpdate(ids, torch.tensor([[counts[i]] for i in sorted(counts)],
-                                                                        dtype=torch.float64),
-                                                       torch.ones(len(counts), dtype=torch.float64))}, 1.0, 1)
-    rows = {"t": RowUpdate(ids, torch.zeros((len(counts), dim), dtype=torch.float64),
+    column = torch.tensor([[counts[i]] for i in sorted(counts)], dtype=torch.float64)
+    rows = {"t": RowUpdate(ids, torch.cat([torch.zeros((len(counts), dim), dtype=torch.float64), column], 1),
                            torch.ones(len(counts), dtype=torch.float64))}
-    update = WeightedUpdate({"w": torch.zeros(50_000, dtype=torch.float64)}, rows, 1.0, 1,
-                            aux={"dp_contribution": contribution})
+    update = WeightedUpdate({"w": torch.zeros(50_000, dtype=torch.float64)}, rows, 1.0, 1)
     return dp.postprocess_server(update, RoundContext(round_idx, seed))
 
 
@@ -214,6 +211,7 @@ def test_bytes_up_are_the_two_phase_protocol(config, tmp_path):
     ({"selection_noise_ratio": -1}, {}, "selection_noise_ratio"),
     ({"threshold": -0.5}, {}, "threshold"),
     ({"mode": "local"}, {}, "mode"),
+    ({}, {"postprocessors": [{**ADAFEST}, {"name": "l2_clip", "bound": 1.0}]}, "last entry"),
 ])
 def test_bad_sparse_dp_config_is_one_line_before_round_one(config, tmp_path, capsys, dp, fl, key):
     from fedrec.cli import main

@@ -51,8 +51,6 @@ PositiveFloat = Annotated[float, pydantic.Field(gt=0)]
 NonNegativeFloat = Annotated[float, pydantic.Field(ge=0)]
 OpenUnit = Annotated[float, pydantic.Field(gt=0, lt=1)]
 _SELECTION_STREAM = 0xADAFE5
-CONTRIBUTION = "dp_contribution"
-ID_BYTES = 8
 
 
 def split_noise(noise_multiplier: float, ratio: float) -> Tuple[float, float]:
@@ -95,6 +93,10 @@ class SparseGaussianMechanism(GaussianMechanism):
             raise ValueError("dp_adafest divides by the expected cohort size: set fl.embedding_aggregation: "
                              "dense_equivalent (per_row would divide by how many clients touched a row, which "
                              "is not private)")
+        names = [p.get("name") if isinstance(p, Mapping) else p for p in fl.postprocessors]
+        if names and names[-1] != self.name:
+            raise ValueError(f"dp_adafest must be the last entry of fl.postprocessors (its clients' rows carry "
+                             f"their contribution as an extra column), got fl.postprocessors {names}")
         super().setup(fl, sampler, sparse=False)
         self.value_bytes = fl.value_bytes
         if self.threshold_setting is None:  # 3 standard deviations of the selection noise: about 0.13%
@@ -125,44 +127,46 @@ class SparseGaussianMechanism(GaussianMechanism):
 
     # -- client side --------------------------------------------------------------------------
     def postprocess_client(self, update: WeightedUpdate, context: ClientContext) -> WeightedUpdate:
+        """Clip (weight 1), then append the contribution map to the rows as one more value
+        column: it sums with the rows in the same merge (a separate map would double the
+        cost of summing rows), and the server splits it off first."""
         plain = super().postprocess_client(update, context)  # clipped to S, weight 1
         touched = sum(int(row.ids.numel()) for row in plain.rows.values())
         share = self._client_contribution(touched)
-        contribution = {name: RowUpdate(row.ids, torch.full((row.ids.numel(), 1), share, dtype=torch.float64),
-                                        torch.ones(row.ids.numel(), dtype=torch.float64))
-                        for name, row in plain.rows.items()}
-        plain.aux[CONTRIBUTION] = WeightedUpdate({}, contribution, 1.0, 1)
+        for name, row in plain.rows.items():
+            column = torch.full((row.ids.numel(), 1), share, dtype=row.values.dtype)
+            plain.rows[name] = RowUpdate(row.ids, torch.cat([row.values, column], dim=1), row.row_weight)
         return plain
 
     # -- server side --------------------------------------------------------------------------
     def postprocess_server(self, update: WeightedUpdate, context: RoundContext) -> WeightedUpdate:
-        contribution = update.aux.pop(CONTRIBUTION, None)
         self._selection = {"dp_rows_touched": 0.0, "dp_rows_selected": 0.0, "dp_rows_noise_only": 0.0,
-                       "dp_rows_dropped": 0.0, "_bytes_saved": 0.0}
-        if not update.num_clients or contribution is None:
+                           "dp_rows_dropped": 0.0, "_bytes_saved": 0.0}
+        if not update.num_clients:
             return super().postprocess_server(update, context)
         seed = derive_seed(context.seed, context.round_idx, _SELECTION_STREAM)
         generator = torch.Generator().manual_seed(seed)
         rng = np.random.default_rng(seed)
         for name in sorted(update.rows):
-            counts = contribution.rows[name]
-            selected = self._select(name, counts, generator, rng)
-            row_bytes = int(update.rows[name].values.shape[1]) * self.value_bytes
-            self._selection["_bytes_saved"] += self._phase_two_saving(counts, selected, row_bytes)
-            update.rows[name] = self._restrict(update.rows[name], selected, generator)
+            summed = update.rows[name]
+            rows = RowUpdate(summed.ids, summed.values[:, :-1], summed.row_weight)
+            counts = summed.values[:, -1].to(torch.float64)
+            selected = self._select(name, rows.ids, counts, generator, rng)
+            self._selection["_bytes_saved"] += self._phase_two_saving(rows, selected)
+            update.rows[name] = self._restrict(rows, selected, generator)
         # the MLPs: dense noise z2 S from the round's seed, and the fixed denominator
         return super().postprocess_server(update, context)
 
-    def _select(self, name: str, counts: RowUpdate, generator: torch.Generator, rng: np.random.Generator
-                ) -> torch.Tensor:
+    def _select(self, name: str, ids: torch.Tensor, counts: torch.Tensor, generator: torch.Generator,
+                rng: np.random.Generator) -> torch.Tensor:
         """Row ids whose noisy contribution count exceeds tau (ascending)."""
         std = self.count_noise_std
-        noisy = counts.values[:, 0].clone()
+        noisy = counts.clone()
         if std > 0:
             noisy.add_(torch.randn(noisy.shape, generator=generator, dtype=noisy.dtype) * std)
-        chosen = counts.ids[noisy > self.threshold]
-        extra = self._untouched_above_threshold(name, counts.ids, rng)
-        self._selection["dp_rows_touched"] += counts.ids.numel()
+        chosen = ids[noisy > self.threshold]
+        extra = self._untouched_above_threshold(name, ids, rng)
+        self._selection["dp_rows_touched"] += ids.numel()
         self._selection["dp_rows_noise_only"] += extra.numel()
         return torch.unique(torch.cat([chosen, extra]), sorted=True)
 
@@ -215,14 +219,18 @@ class SparseGaussianMechanism(GaussianMechanism):
             values.add_(torch.randn(values.shape, generator=generator, dtype=values.dtype) * std)
         return RowUpdate(selected, values, weight)
 
-    def _phase_two_saving(self, counts: RowUpdate, selected: torch.Tensor, row_bytes: int) -> float:
-        """Bytes the clients counted for their rows that the two-phase protocol does not send:
-        phase 2 carries values (no ids) for each client's selected rows only."""
-        touched_pairs = float(counts.row_weight.sum())
-        positions = torch.searchsorted(selected, counts.ids).clamp_(max=max(selected.numel() - 1, 0))
-        kept = (selected[positions] == counts.ids) if selected.numel() else torch.zeros_like(counts.ids, dtype=bool)
-        selected_pairs = float(counts.row_weight[kept].sum())
-        return touched_pairs * (ID_BYTES + row_bytes) - selected_pairs * row_bytes
+    def _phase_two_saving(self, rows: RowUpdate, selected: torch.Tensor) -> float:
+        """Bytes the clients counted that the two-phase protocol does not send: they counted
+        each touched row's id, contribution and values; phase 2 carries values (no ids) for
+        each client's selected rows only. ``row_weight`` counts the clients of a row."""
+        row_bytes = int(rows.values.shape[1]) * self.value_bytes
+        touched_pairs = float(rows.row_weight.sum())
+        if selected.numel():
+            positions = torch.searchsorted(selected, rows.ids).clamp_(max=selected.numel() - 1)
+            selected_pairs = float(rows.row_weight[selected[positions] == rows.ids].sum())
+        else:
+            selected_pairs = 0.0
+        return (touched_pairs - selected_pairs) * row_bytes
 
     # -- reporting ------------------------------------------------------------------------------
     def round_byte_corrections(self) -> Dict[str, int]:
