@@ -20,7 +20,7 @@ import argparse
 import copy
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from _common import emit, make_data
 
@@ -56,6 +56,36 @@ def run(config: Dict[str, Any], workdir: Path, name: str, epsilon: Optional[floa
     return result
 
 
+def interleaved_overhead(config: Dict[str, Any], workdir: Path, mode: str, clip: float, rounds: int,
+                         sparse_dp: Dict[str, Any]) -> None:
+    """DP's cost on a round: a plain and a DP simulation of the same config, their rounds
+    alternated in one process so that the machine's noise hits both alike."""
+    import statistics
+
+    from fedrec.federated.simulation import Simulation
+
+    plain_config = copy.deepcopy(config)
+    plain_config["fl"]["embedding_updates"] = mode
+    dp_config = copy.deepcopy(plain_config)
+    mechanism = {"name": "dp_gaussian"} if mode == "dense" else {"name": "dp_adafest", **sparse_dp}
+    dp_config["fl"]["postprocessors"] = [{**mechanism, "clip_norm": clip, "target_epsilon": 3.0}]
+    sims = [Simulation(plain_config, workdir / f"overhead-{mode}-plain"),
+            Simulation(dp_config, workdir / f"overhead-{mode}-dp")]
+    seconds: List[List[float]] = [[], []]
+    try:
+        for round_idx in range(rounds):
+            for which, sim in enumerate(sims):
+                row = sim.run_round()
+                if round_idx:  # the first round warms up
+                    seconds[which].append(row["round_seconds"])
+    finally:
+        for sim in sims:
+            sim.close()
+    plain, private = (statistics.median(s) for s in seconds)
+    emit(bench="fl_privacy_overhead_interleaved", mode=mode, rounds=rounds - 1, plain_round_seconds=plain,
+         dp_round_seconds=private, dp_over_plain_round_seconds=private / plain)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200_000)
@@ -73,6 +103,8 @@ def main() -> None:
     parser.add_argument("--adaptive-quantile", type=float, default=None,
                         help="dense mode: dp_gaussian with adaptive clipping to this quantile (clip starts at --clip)")
     parser.add_argument("--workdir")
+    parser.add_argument("--overhead-rounds", type=int, default=0,
+                        help="only measure DP's round-time cost: this many alternated rounds per mode")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp)
@@ -84,6 +116,10 @@ def main() -> None:
         sparse_dp = {"selection_noise_ratio": args.selection_noise_ratio, "contribution_clip": args.contribution_clip}
         dense_dp = None if args.adaptive_quantile is None else \
             {"adaptive_clipping": {"target_quantile": args.adaptive_quantile}}
+        if args.overhead_rounds:
+            for mode in args.modes.split(","):
+                interleaved_overhead(config, workdir, mode, args.clip, args.overhead_rounds, sparse_dp)
+            return
         for mode in args.modes.split(","):
             plain = None if args.skip_plain else run(config, workdir, f"{mode}_no_dp", None, args.clip, mode)
             suffix = "_adaptive" if dense_dp and mode == "dense" else ""

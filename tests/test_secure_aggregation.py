@@ -265,6 +265,20 @@ def test_a_client_heavier_than_max_weight_names_the_key(config, tmp_path):
         run(secagg_config(config, max_weight=1.0), tmp_path)
 
 
+def test_default_max_weight_is_the_largest_client_or_one_after_dp(config, tmp_path):
+    """Without max_weight, FedAvg's weights (sample counts) fit the grid, and after a DP
+    mechanism (every user weighs 1) the grid is [0, 1]."""
+    sa = {k: v for k, v in SA.items() if k != "max_weight"}
+    config["fl"]["postprocessors"] = [sa]
+    sim, history = run(plain_config(copy.deepcopy(config)), tmp_path / "a")
+    secagg = sim.postprocessors[-1]
+    assert secagg.max_weight == max(sim.partition.sizes) and history[-1]["clients"] > 0
+    config["fl"].update({"sampler": {"name": "poisson"}, "client_num_per_round": 10, "num_rounds": 1,
+                         "postprocessors": [{"name": "dp_gaussian", "clip_norm": 0.5, "noise_multiplier": 0.0}, sa]})
+    sim, _ = run(config, tmp_path / "b")
+    assert sim.postprocessors[-1].max_weight == 1.0
+
+
 @pytest.mark.parametrize("sa, fl, key", [
     ({"field_bits": 16}, {}, "field_bits: 28"),
     ({"clip_range": 0}, {}, "clip_range"),

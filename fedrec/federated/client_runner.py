@@ -158,7 +158,8 @@ class ClientRunner:
         self.sampler = registry.construct("sampler", fl.sampler)
         self.postprocessors = build_chain(fl.postprocessors, fl, self.sampler, sparse=self.sparse_mode,
                                           tables={n: int(self.replica[n].shape[0]) for n in self.table_names
-                                                  if n in self.replica})
+                                                  if n in self.replica},
+                                          client_sizes=[int(n) for n in partition.sizes])
         self._check_mode()
         from fedrec.federated.attacks import build_attack
 

@@ -53,6 +53,10 @@ class Postprocessor:
         """The model's embedding tables, ``{parameter name: rows}``, given before ``setup``
         (a mechanism that works on rows the clients did not send needs their sizes)."""
 
+    def bind_client_sizes(self, sizes: Sequence[int]) -> None:
+        """Every client's sample count, given before ``setup`` (e.g. the largest weight a
+        FedAvg client can upload)."""
+
     def round_metrics(self, rounds_done: int) -> Dict[str, float]:
         """Numbers for the metrics line after ``rounds_done`` rounds (e.g. epsilon)."""
         return {}
@@ -134,10 +138,12 @@ class NormBound(L2Clip):
 
 
 def build_chain(configs: Sequence[Mapping[str, Any]], fl: Any = None, sampler: Any = None,
-                sparse: bool = False, tables: Optional[Mapping[str, int]] = None) -> List[Postprocessor]:
+                sparse: bool = False, tables: Optional[Mapping[str, int]] = None,
+                client_sizes: Optional[Sequence[int]] = None) -> List[Postprocessor]:
     """The configured chain, each validated by the registry (unknown names list the known)
     and, given the run's ``fl`` settings, set up for them (:meth:`Postprocessor.setup`;
-    ``tables`` are the embedding tables' row counts, for :meth:`Postprocessor.bind_tables`)."""
+    ``tables`` are the embedding tables' row counts, for :meth:`Postprocessor.bind_tables`,
+    ``client_sizes`` the clients' sample counts, for :meth:`Postprocessor.bind_client_sizes`)."""
     chain = []
     for index, config in enumerate(configs):
         if not isinstance(config, Mapping) or "name" not in config:
@@ -148,6 +154,8 @@ def build_chain(configs: Sequence[Mapping[str, Any]], fl: Any = None, sampler: A
             postprocessor = registry.construct("postprocessor", config)
             postprocessor.position = index
             postprocessor.bind_tables(dict(tables or {}))
+            if client_sizes is not None:
+                postprocessor.bind_client_sizes(client_sizes)
             if fl is not None:
                 postprocessor.setup(fl, sampler, sparse=sparse)
             chain.append(postprocessor)

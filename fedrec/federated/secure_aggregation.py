@@ -1,9 +1,10 @@
 """Secure aggregation (Bonawitz et al. 2017; SecAgg+ of Bell et al. 2020) as a postprocessor.
 
-``fl.postprocessors: [..., {name: secure_aggregation, max_weight: 1000}]`` (always last in
+``fl.postprocessors: [..., {name: secure_aggregation, clip_range: 1.0}]`` (always last in
 the chain) makes the server learn only the cohort's sum:
 
-* each client scales its update by ``1 / max_weight`` (so that its weight is in [0, 1]),
+* each client scales its update by ``1 / max_weight`` (so that its weight is in [0, 1]; by
+  default 1 after a DP mechanism, else the largest client's sample count),
   clamps the values to ``[-clip_range, clip_range]``, quantizes them with
   ``quantization_bits`` bits by seeded, unbiased stochastic rounding, and its weight on
   its own grid over [0, 1] (one more masked number): integers in the ring
@@ -212,7 +213,7 @@ class SecureAggregation(Postprocessor):
     def __init__(self, clip_range: PositiveFloat = 1.0,
                  quantization_bits: Annotated[int, pydantic.Field(ge=2, le=40)] = 16,
                  field_bits: Annotated[int, pydantic.Field(ge=8, le=48)] = 32,
-                 max_weight: PositiveFloat = 1.0,
+                 max_weight: Optional[PositiveFloat] = None,
                  neighbours: Optional[Annotated[int, pydantic.Field(ge=2)]] = None,
                  threshold: Optional[Annotated[int, pydantic.Field(ge=1)]] = None,
                  threshold_fraction: UnitFraction = 0.5,
@@ -220,7 +221,9 @@ class SecureAggregation(Postprocessor):
         self.clip_range = float(clip_range)
         self.quantization_bits = int(quantization_bits)
         self.field_bits = int(field_bits)
-        self.max_weight = float(max_weight)
+        self.max_weight_setting = max_weight
+        self.max_weight = 1.0 if max_weight is None else float(max_weight)
+        self.largest_client = 0
         self.neighbours = neighbours
         self.threshold = threshold
         self.threshold_fraction = float(threshold_fraction)
@@ -241,6 +244,19 @@ class SecureAggregation(Postprocessor):
         return -(-self.field_bits // 8)
 
     # -- set-up checks ---------------------------------------------------------------------------
+    def bind_client_sizes(self, sizes: Sequence[int]) -> None:
+        self.largest_client = max(sizes, default=0)
+
+    def _default_max_weight(self, names: Sequence[Any]) -> float:
+        """1 after a DP mechanism (every user counts once), else the largest client's
+        sample count (FedAvg's weight): the smallest bound no client exceeds."""
+        from fedrec.federated.privacy import GaussianMechanism
+
+        earlier = [registry.lookup("postprocessor", {"name": n}) for n in names[:-1] if isinstance(n, str)]
+        if any(isinstance(cls, type) and issubclass(cls, GaussianMechanism) for cls in earlier):
+            return 1.0
+        return float(max(self.largest_client, 1))
+
     def setup(self, fl: Any, sampler: Any, sparse: bool = False) -> None:
         from fedrec.federated.samplers import PoissonSampler
 
@@ -252,6 +268,8 @@ class SecureAggregation(Postprocessor):
         if names.count(self.name) != 1 or names[-1] != self.name:
             raise ValueError(f"secure_aggregation must be the last entry of fl.postprocessors (it turns values "
                              f"into masked integers), got fl.postprocessors {names}")
+        if self.max_weight_setting is None:
+            self.max_weight = self._default_max_weight(names)
         mode = registry.lookup("fl_algo", fl.fl_algo).aggregation_mode()
         if mode != "sum":
             raise ValueError(f"secure_aggregation reveals only the cohort's sum, but fl.fl_algo "
