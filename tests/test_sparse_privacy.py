@@ -78,6 +78,21 @@ def test_epsilon_is_the_two_composed_gaussians_of_dp_accounting(config, tmp_path
         assert row["dp_count_noise_std"] == pytest.approx(z1 * 2.0)
 
 
+def test_adaptive_clipping_splits_one_noise_multiplier_three_ways(config, tmp_path):
+    """Clip-norm count, row selection and updates: z^-2 = z1^-2 + z2^-2 + (2 sigma_b)^-2,
+    so epsilon is dp_gaussian's for the same z; the clip norm moves round by round."""
+    adaptive = {"target_quantile": 0.5, "learning_rate": 0.5, "clipped_count_stddev": 2.0}
+    dp = mechanism(adaptive_clipping=adaptive, noise_multiplier=1.5)
+    z1, z2 = dp.selection_noise_multiplier, dp.update_noise_multiplier
+    assert z1 ** -2 + z2 ** -2 + 4.0 ** -2 == pytest.approx(1.5 ** -2)
+    fixed = mechanism(noise_multiplier=1.5)
+    assert dp.epsilon_after(10) == fixed.epsilon_after(10)  # the same one Gaussian per round
+    _, history = run(sparse_dp_config(config, adaptive_clipping=adaptive, noise_multiplier=0.5), tmp_path)
+    assert history[0]["dp_clip_norm"] == 0.5 and history[1]["dp_clip_norm"] != 0.5
+    assert history[1]["dp_noise_std"] == pytest.approx(
+        split_noise((0.5 ** -2 - 4.0 ** -2) ** -0.5, 1.0)[1] * history[1]["dp_clip_norm"])
+
+
 def test_contribution_map_is_clipped_over_all_tables():
     dp = mechanism(contribution_clip=2.0, tables={"a": 100, "b": 100})
     update, context = _client(0, {"a": range(10), "b": range(6)})

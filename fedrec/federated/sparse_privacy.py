@@ -71,9 +71,11 @@ class SparseGaussianMechanism(GaussianMechanism):
                  target_epsilon: Optional[PositiveFloat] = None, delta: Optional[OpenUnit] = None,
                  epsilon_budget: Optional[PositiveFloat] = None, accountant: Literal["rdp", "pld"] = "rdp",
                  contribution_clip: PositiveFloat = 1.0, selection_noise_ratio: PositiveFloat = 1.0,
-                 threshold: Optional[NonNegativeFloat] = None) -> None:
+                 threshold: Optional[NonNegativeFloat] = None,
+                 adaptive_clipping: Optional[Dict[str, Any]] = None) -> None:
         super().__init__(clip_norm, noise_multiplier=noise_multiplier, target_epsilon=target_epsilon, delta=delta,
-                         epsilon_budget=epsilon_budget, accountant=accountant, mode="central")
+                         epsilon_budget=epsilon_budget, accountant=accountant, mode="central",
+                         adaptive_clipping=adaptive_clipping)
         self.contribution_clip = float(contribution_clip)
         self.selection_noise_ratio = float(selection_noise_ratio)
         self.threshold_setting = threshold
@@ -105,13 +107,19 @@ class SparseGaussianMechanism(GaussianMechanism):
             self.threshold = float(self.threshold_setting)
 
     # -- noise scales -----------------------------------------------------------------------
+    def _split(self) -> Tuple[float, float]:
+        """(z1, z2) from what the clip-norm estimate leaves: z, or z_Delta with adaptive
+        clipping (then z1^-2 + z2^-2 + (2 sigma_b)^-2 = z^-2: three Gaussians, one z)."""
+        rest = GaussianMechanism.update_noise_multiplier.fget(self)  # type: ignore[attr-defined]
+        return split_noise(float(rest), self.selection_noise_ratio)
+
     @property
     def selection_noise_multiplier(self) -> float:
-        return split_noise(float(self.noise_multiplier), self.selection_noise_ratio)[0]
+        return self._split()[0]
 
     @property
     def update_noise_multiplier(self) -> float:
-        return split_noise(float(self.noise_multiplier), self.selection_noise_ratio)[1]
+        return self._split()[1]
 
     @property
     def count_noise_std(self) -> float:
@@ -247,10 +255,16 @@ class SparseGaussianMechanism(GaussianMechanism):
         return {**super().resume_fingerprint(), "threshold": self.threshold}
 
     def describe(self) -> str:
-        z1, z2 = split_noise(float(self.noise_multiplier), self.selection_noise_ratio)
+        z1, z2 = self._split()
         return (f"dp_adafest (sparsity-preserving central DP): clip norm {self.clip_norm:g}, contribution clip "
                 f"{self.contribution_clip:g}, threshold {self.threshold:.4g}, noise multiplier "
                 f"{self.noise_multiplier:.4g} = selection {z1:.4g} (std {self.count_noise_std:.4g}) with updates "
                 f"{z2:.4g} (std {self.noise_std:.4g}), Poisson rate {self.q:.4g} (expected cohort "
-                f"{self.expected_cohort:.1f}), delta {self.delta:.3g}: epsilon "
+                f"{self.expected_cohort:.1f}), delta {self.delta:.3g}{self._adaptive_text()}: epsilon "
                 f"{self.epsilon_after(self.num_rounds):.4g} after {self.num_rounds} rounds ({self.accountant})")
+
+    def _adaptive_text(self) -> str:
+        if not self.adaptive:
+            return ""
+        return (f", adaptive clipping to quantile {self.adaptive['target_quantile']:g} (learning rate "
+                f"{self.adaptive['learning_rate']:g}, count noise std {self.count_stddev:.4g})")
