@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--selection-noise-ratio", type=float, default=1.0)
     parser.add_argument("--contribution-clip", type=float, default=1.0)
     parser.add_argument("--adaptive-quantile", type=float, default=None,
-                        help="dense mode: dp_gaussian with adaptive clipping to this quantile (clip starts at --clip)")
+                        help="adaptive clipping to this quantile (the clip norm starts at --clip)")
     parser.add_argument("--workdir")
     parser.add_argument("--overhead-rounds", type=int, default=0,
                         help="only measure DP's round-time cost: this many alternated rounds per mode")
@@ -116,13 +116,14 @@ def main() -> None:
         sparse_dp = {"selection_noise_ratio": args.selection_noise_ratio, "contribution_clip": args.contribution_clip}
         dense_dp = None if args.adaptive_quantile is None else \
             {"adaptive_clipping": {"target_quantile": args.adaptive_quantile}}
+        sparse_dp.update(dense_dp or {})
         if args.overhead_rounds:
             for mode in args.modes.split(","):
                 interleaved_overhead(config, workdir, mode, args.clip, args.overhead_rounds, sparse_dp)
             return
         for mode in args.modes.split(","):
             plain = None if args.skip_plain else run(config, workdir, f"{mode}_no_dp", None, args.clip, mode)
-            suffix = "_adaptive" if dense_dp and mode == "dense" else ""
+            suffix = "_adaptive" if dense_dp else ""
             results = [run(config, workdir, f"{mode}_eps_{e}{suffix}", float(e), args.clip, mode, sparse_dp, dense_dp)
                        for e in args.epsilons.split(",") if e]
             if plain and results:
