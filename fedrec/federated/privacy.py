@@ -303,11 +303,13 @@ class GaussianMechanism(Postprocessor):
                 f"{self.epsilon_after(self.num_rounds):.4g} after {self.num_rounds} rounds ({self.accountant})")
 
     def round_metrics(self, rounds_done: int) -> Dict[str, float]:
+        """Epsilon so far, and what it was computed from (z and q), for anyone to check."""
+        accounted = {"epsilon": self.epsilon_after(rounds_done), "dp_noise_multiplier": float(self.noise_multiplier),
+                     "dp_sampling_rate": self._rate()}
         if not self.adaptive:
-            return {"epsilon": self.epsilon_after(rounds_done), "dp_noise_std": self.noise_std}
+            return {**accounted, "dp_noise_std": self.noise_std}
         used = self._round.get("dp_clip_norm", self.clip_norm)  # the round's C, not the next one
-        return {"epsilon": self.epsilon_after(rounds_done), "dp_noise_std": self.update_noise_multiplier * used,
-                **self._round}
+        return {**accounted, "dp_noise_std": self.update_noise_multiplier * used, **self._round}
 
     def max_rounds(self) -> Optional[int]:
         if self.epsilon_budget is None:

@@ -248,7 +248,6 @@ class SparseGaussianMechanism(GaussianMechanism):
         metrics = super().round_metrics(rounds_done)
         metrics.update({k: v for k, v in self._selection.items() if not k.startswith("_")})
         metrics["dp_count_noise_std"] = self.count_noise_std
-        metrics["dp_noise_multiplier"] = float(self.noise_multiplier)  # z of the accountant (both steps)
         return metrics
 
     def resume_fingerprint(self) -> Dict[str, Any]:
