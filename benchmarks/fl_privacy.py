@@ -59,7 +59,8 @@ def run(config: Dict[str, Any], workdir: Path, name: str, epsilon: Optional[floa
 def interleaved_overhead(config: Dict[str, Any], workdir: Path, mode: str, clip: float, rounds: int,
                          sparse_dp: Dict[str, Any]) -> None:
     """DP's cost on a round: a plain and a DP simulation of the same config, their rounds
-    alternated in one process so that the machine's noise hits both alike."""
+    alternated in one process so that the machine's noise hits both alike (the first
+    round of each warms up and is left out)."""
     import statistics
 
     from fedrec.federated.simulation import Simulation
@@ -74,8 +75,10 @@ def interleaved_overhead(config: Dict[str, Any], workdir: Path, mode: str, clip:
     seconds: List[List[float]] = [[], []]
     try:
         for round_idx in range(rounds):
-            for which, sim in enumerate(sims):
-                row = sim.run_round()
+            # the same clients in both: whichever runs second finds their data in the caches,
+            # so the order alternates
+            for which in ((0, 1) if round_idx % 2 else (1, 0)):
+                row = sims[which].run_round()
                 if round_idx:  # the first round warms up
                     seconds[which].append(row["round_seconds"])
     finally:
