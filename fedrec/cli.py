@@ -1,4 +1,4 @@
-"""``fedrec`` command line: synth, preprocess, train, simulate.
+"""``fedrec`` command line: synth, preprocess, train, simulate, report, sweep.
 
 Every job reads a YAML config (``--config``); the seed's flags (``--batch_size 256``) and
 ``--set section.key=value`` override it. Errors in the config or the data end the run
@@ -83,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--backend", choices=["local", "mpi"])
     sim.add_argument("--embedding_updates", choices=["dense", "sparse"])
     sim.add_argument("--embedding_aggregation", choices=["dense_equivalent", "per_row"])
+
+    rep = sub.add_parser("report", help="an HTML page (and PNGs) of runs' metrics, overlaid and compared")
+    rep.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or a folder of runs, e.g. a sweep's)")
+    rep.add_argument("--out", required=True, help="folder for report.html, png/ and report.json")
+    rep.add_argument("--group_seeds", action="store_true",
+                     help="draw runs that differ only in seeds as one line: mean and std")
+    rep.add_argument("--title", help="the page's title")
+    rep.add_argument("--no_png", action="store_true", help="only the HTML page")
     return parser
 
 
@@ -155,11 +163,19 @@ def _cmd_simulate(args: argparse.Namespace) -> Optional[int]:
     return None
 
 
+def _cmd_report(args: argparse.Namespace) -> None:
+    from fedrec.report import write_report
+
+    page = write_report(args.runs, args.out, group_seeds=args.group_seeds, title=args.title, pngs=not args.no_png)
+    print(f"report: {page}")
+
+
 COMMANDS: Dict[str, Callable[[argparse.Namespace], Optional[int]]] = {
     "synth": _cmd_synth,
     "preprocess": _cmd_preprocess,
     "train": _cmd_train,
     "simulate": _cmd_simulate,
+    "report": _cmd_report,
 }
 
 
@@ -180,6 +196,7 @@ def user_error(err: BaseException, args: argparse.Namespace) -> Optional[Tuple[i
     from fedrec.data.errors import DataError
     from fedrec.federated.client_runner import ClientError
     from fedrec.federated.mpi_backend import MPIProcessError
+    from fedrec.report.runs import ReportError
     from fedrec.utilities.checkpoint import CheckpointError
     from fedrec.utilities.divergence import DivergedError
     from fedrec.utilities.registry import ConfigTypeError, RegistryError
@@ -197,7 +214,7 @@ def user_error(err: BaseException, args: argparse.Namespace) -> Optional[Tuple[i
         return 1, (f"{command}: a client failed: {err}\n  the last round's checkpoint is intact: "
                    f"fix the cause and resume with: {resume_command(args)}")
     if isinstance(err, (ConfigError, ConfigTypeError, DataError, RegistryError, CheckpointError,
-                        DivergedError, LogdirBusyError)):
+                        DivergedError, LogdirBusyError, ReportError)):
         return 2, f"{command}: error: {err}"
     if isinstance(err, OSError):
         return 2, f"{command}: error: {_os_error(err, args)}"
