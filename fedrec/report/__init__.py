@@ -70,7 +70,7 @@ def _centralized_reference(runs: Sequence[Run], charts: list) -> None:
             _, ys = train[0].series("val", chart.y_label)
             if ys:
                 chart.reference = ys[-1]
-                chart.note = (chart.note + " " if chart.note else "") + \
+                chart.note = (chart.note + ". " if chart.note else "") + \
                     f"dashed: {train[0].name}'s final val {chart.y_label} ({ys[-1]:.4f}), standard training"
 
 

@@ -153,7 +153,9 @@ def metric_charts(runs: Sequence[Run], groups: Optional[Mapping[str, Sequence[st
         if not series:
             continue
         axes = [a for a in series[0].x if all(a in s.x for s in series)]
-        missing = [run.name for run in runs if not any(key in r for r in run.phases.get(phase, []))]
+        # runs that log this phase (same kind of run) but not this metric
+        missing = [run.name for run in runs
+                   if run.phases.get(phase) and not any(key in r for r in run.phases[phase])]
         note = f"not recorded by: {', '.join(missing)}" if missing and len(runs) > 1 else ""
         section = "Federated simulation" if phase == "fl" else "Standard training"
         charts.append(Chart(key=safe_key(f"{phase}-{key}"), title=_title(phase, key), y_label=key,

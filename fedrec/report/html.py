@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import html
 import json
+import math
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from fedrec.report.charts import Chart
@@ -45,11 +46,19 @@ def _line_traces(chart: Chart, colors: Mapping[str, str], axis: str) -> List[Dic
     return traces
 
 
+def _dtick(chart: Chart, axis: str) -> Optional[int]:
+    """A whole-number tick spacing on the round axis (no "round 1.5"); None: Plotly's own."""
+    if axis != "round":
+        return None
+    top = max((max(s.x[axis]) for s in chart.series if s.x.get(axis)), default=1)
+    return max(1, math.ceil(top / 8))
+
+
 def _figure(chart: Chart, colors: Mapping[str, str]) -> Dict[str, Any]:
     layout: Dict[str, Any] = {
-        "title": {"text": html.escape(chart.title), "font": {"size": 15}},
-        "height": 360, "margin": {"l": 60, "r": 20, "t": 70, "b": 50},
-        "legend": {"orientation": "h", "y": -0.2}, "plot_bgcolor": "#fff",
+        "title": {"text": html.escape(chart.title), "font": {"size": 15}, "y": 0.98, "yanchor": "top"},
+        "height": 380, "margin": {"l": 60, "r": 20, "t": 80, "b": 60},
+        "legend": {"orientation": "h", "y": -0.28}, "plot_bgcolor": "#fff",
         "yaxis": {"title": {"text": chart.y_label}, "gridcolor": "#e5e5e5", "zerolinecolor": "#ccc"},
     }
     if chart.kind == "hist":
@@ -62,7 +71,7 @@ def _figure(chart: Chart, colors: Mapping[str, str]) -> Dict[str, Any]:
         return {"data": data, "layout": layout}
     axis = chart.axes[0]
     data = _line_traces(chart, colors, axis)
-    layout["xaxis"] = {"title": {"text": axis}, "gridcolor": "#e5e5e5"}
+    layout["xaxis"] = {"title": {"text": axis}, "gridcolor": "#e5e5e5", "dtick": _dtick(chart, axis)}
     if chart.reference is not None:
         layout["shapes"] = [{"type": "line", "y0": chart.reference, "y1": chart.reference, "xref": "paper",
                              "x0": 0, "x1": 1, "line": {"dash": "dash", "color": "#444"}}]
@@ -71,9 +80,9 @@ def _figure(chart: Chart, colors: Mapping[str, str]) -> Dict[str, Any]:
         for name in chart.axes:
             xs = [t["x"] for t in _line_traces(chart, colors, name)]
             buttons.append({"label": name, "method": "update",
-                            "args": [{"x": xs}, {"xaxis.title.text": name}]})
+                            "args": [{"x": xs}, {"xaxis.title.text": name, "xaxis.dtick": _dtick(chart, name)}]})
         layout["updatemenus"] = [{"type": "buttons", "direction": "right", "x": 0, "xanchor": "left",
-                                  "y": 1.13, "yanchor": "bottom", "showactive": True, "buttons": buttons,
+                                  "y": 1.02, "yanchor": "bottom", "showactive": True, "buttons": buttons,
                                   "font": {"size": 11}, "pad": {"r": 4, "t": 0}}]
     return {"data": data, "layout": layout}
 
