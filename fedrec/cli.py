@@ -91,6 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="draw runs that differ only in seeds as one line: mean and std")
     rep.add_argument("--title", help="the page's title")
     rep.add_argument("--no_png", action="store_true", help="only the HTML page")
+
+    sweep = sub.add_parser("sweep", help="a grid of runs from one config: parallel, resumable, one report")
+    sweep.add_argument("--config", required=True, help="the base YAML config")
+    sweep.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
+                       help="a config key and its values; repeat for more keys (cartesian product)")
+    sweep.add_argument("--seeds", type=int, default=1, help="runs per point, seeds 0..N-1 (fl.seed)")
+    sweep.add_argument("--logdir", required=True, help="one run folder per point goes here, and report/")
+    sweep.add_argument("--jobs", type=int, default=1, help="points run at once (each in its own process)")
+    sweep.add_argument("--command", choices=["simulate", "train"], default="simulate", dest="run_command",
+                       help="what each point runs (default: simulate)")
+    sweep.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a base config key for every point")
     return parser
 
 
@@ -170,12 +182,29 @@ def _cmd_report(args: argparse.Namespace) -> None:
     print(f"report: {page}")
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from fedrec.sweep import run_sweep
+
+    outcomes, page = run_sweep(args.config, args.grid, args.logdir, seeds=args.seeds, jobs=args.jobs,
+                               command=args.run_command, sets=args.sets)
+    failed = [o for o in outcomes if o.status == "failed"]
+    done = sum(o.status == "done" for o in outcomes)
+    skipped = sum(o.status == "skipped" for o in outcomes)
+    print(f"sweep: {done} run, {skipped} finished before, {len(failed)} failed")
+    for outcome in failed:
+        print(f"  failed: {outcome.point.name}: {outcome.message}", file=sys.stderr)
+    if page is not None:
+        print(f"report: {page}")
+    return 1 if failed else 0
+
+
 COMMANDS: Dict[str, Callable[[argparse.Namespace], Optional[int]]] = {
     "synth": _cmd_synth,
     "preprocess": _cmd_preprocess,
     "train": _cmd_train,
     "simulate": _cmd_simulate,
     "report": _cmd_report,
+    "sweep": _cmd_sweep,
 }
 
 
@@ -204,6 +233,8 @@ def user_error(err: BaseException, args: argparse.Namespace) -> Optional[Tuple[i
 
     command = f"fedrec {args.command}"
     resumable = args.command in ("train", "simulate")
+    if isinstance(err, KeyboardInterrupt) and args.command == "sweep":
+        return 130, f"{command}: interrupted; run the same command again to finish the sweep (finished points are kept)"
     if isinstance(err, KeyboardInterrupt):
         return 130, f"{command}: interrupted" + (f"; resume with: {resume_command(args)}" if resumable else "")
     if isinstance(err, (ClientError, MPIProcessError)) and _client_diverged(err):

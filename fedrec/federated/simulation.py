@@ -304,7 +304,9 @@ class Simulation:
 
     def _write_summary(self) -> None:
         final = self.history[-1] if self.history else {}
-        summary = {"rounds": self.round_idx, "totals": self.totals,
+        # "finished": every round this config asks for is done (a sweep skips such a run)
+        summary = {"rounds": self.round_idx, "num_rounds": self.fl.num_rounds,
+                   "finished": self.round_idx >= self.final_round, "totals": self.totals,
                    "final": {k: v for k, v in final.items() if isinstance(v, (int, float))}}
         tmp = self.logdir / "summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2, default=float))
