@@ -10,7 +10,7 @@ import math
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from fedrec.report.charts import Chart
-from fedrec.report.tables import MetricCell, direction, format_value
+from fedrec.report.tables import QUALITY, MetricCell, direction, format_value
 
 __all__ = ["render_page", "PALETTE", "color_of"]
 
@@ -115,14 +115,19 @@ def _cell_text(cell: Optional[MetricCell], key: str) -> str:
 
 
 def _metric_table(table: Mapping[Tuple[str, str], Mapping[str, MetricCell]], names: Sequence[str]) -> str:
-    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
-    rows = []
+    """Quality metrics in view; every other metric (bytes, seconds, ...) folded below them."""
+    head = f"<thead><tr><th>phase</th><th>metric</th>{''.join(f'<th>{html.escape(n)}</th>' for n in names)}</tr></thead>"
+    main, other = [], []
     for (phase, key), cells in table.items():
         tds = "".join(f"<td>{_cell_text(cells.get(n), key)}</td>" for n in names)
-        rows.append(f'<tr data-metric="{html.escape(phase)}/{html.escape(key)}"><th>{html.escape(phase)}</th>'
-                    f"<th>{html.escape(key)}</th>{tds}</tr>")
-    return (f'<table id="final-best"><thead><tr><th>phase</th><th>metric</th>{head}</tr></thead>'
-            f"<tbody>{''.join(rows)}</tbody></table>")
+        row = (f'<tr data-metric="{html.escape(phase)}/{html.escape(key)}"><th>{html.escape(phase)}</th>'
+               f"<th>{html.escape(key)}</th>{tds}</tr>")
+        (main if key in QUALITY else other).append(row)
+    text = f'<table id="final-best">{head}<tbody>{"".join(main)}</tbody></table>'
+    if other:
+        text += (f"<details><summary>{len(other)} more metrics</summary>"
+                 f'<table id="final-other">{head}<tbody>{"".join(other)}</tbody></table></details>')
+    return text
 
 
 def _diff_table(diff: Mapping[str, Mapping[str, Any]], names: Sequence[str]) -> str:
