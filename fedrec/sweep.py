@@ -233,13 +233,18 @@ def run_sweep(base_path: str, grid_items: Sequence[str], logdir: str | Path, see
     echo(f"sweep: {len(points)} point(s) in {logdir}: {len(points) - len(todo)} finished before, "
          f"{len(todo)} to run, {min(jobs, max(len(todo), 1))} at a time")
     threads = 1 if jobs > 1 else None
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    try:
         futures = [pool.submit(_run_point, p, command, base_path, sets, logdir, threads) for p in todo]
         for count, future in enumerate(futures, 1):
             outcome = future.result()
             outcomes.append(outcome)
             text = f"{outcome.seconds:.1f}s" if outcome.status == "done" else outcome.message
             echo(f"  [{count}/{len(todo)}] {outcome.point.name}: {outcome.status} {text}")
+    except BaseException:  # Ctrl-C: the running points stop too (same terminal); start no more
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
     page = None
     existing = [logdir / p.name for p in points if (logdir / p.name / "metrics.jsonl").is_file()]
     if report and existing:
