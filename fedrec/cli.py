@@ -1,4 +1,4 @@
-"""``fedrec`` command line: synth, preprocess, train, simulate.
+"""``fedrec`` command line: synth, preprocess, train, simulate, report, sweep.
 
 Every job reads a YAML config (``--config``); the seed's flags (``--batch_size 256``) and
 ``--set section.key=value`` override it. Errors in the config or the data end the run
@@ -83,6 +83,26 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--backend", choices=["local", "mpi"])
     sim.add_argument("--embedding_updates", choices=["dense", "sparse"])
     sim.add_argument("--embedding_aggregation", choices=["dense_equivalent", "per_row"])
+
+    rep = sub.add_parser("report", help="an HTML page (and PNGs) of runs' metrics, overlaid and compared")
+    rep.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or a folder of runs, e.g. a sweep's)")
+    rep.add_argument("--out", required=True, help="folder for report.html, png/ and report.json")
+    rep.add_argument("--group_seeds", action="store_true",
+                     help="draw runs that differ only in seeds as one line: mean and std")
+    rep.add_argument("--title", help="the page's title")
+    rep.add_argument("--no_png", action="store_true", help="only the HTML page")
+
+    sweep = sub.add_parser("sweep", help="a grid of runs from one config: parallel, resumable, one report")
+    sweep.add_argument("--config", required=True, help="the base YAML config")
+    sweep.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
+                       help="a config key and its values; repeat for more keys (cartesian product)")
+    sweep.add_argument("--seeds", type=int, default=1, help="runs per point, seeds 0..N-1 (fl.seed)")
+    sweep.add_argument("--logdir", required=True, help="one run folder per point goes here, and report/")
+    sweep.add_argument("--jobs", type=int, default=1, help="points run at once (each in its own process)")
+    sweep.add_argument("--command", choices=["simulate", "train"], default="simulate", dest="run_command",
+                       help="what each point runs (default: simulate)")
+    sweep.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a base config key for every point")
     return parser
 
 
@@ -155,11 +175,36 @@ def _cmd_simulate(args: argparse.Namespace) -> Optional[int]:
     return None
 
 
+def _cmd_report(args: argparse.Namespace) -> None:
+    from fedrec.report import write_report
+
+    page = write_report(args.runs, args.out, group_seeds=args.group_seeds, title=args.title, pngs=not args.no_png)
+    print(f"report: {page}")
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from fedrec.sweep import run_sweep
+
+    outcomes, page = run_sweep(args.config, args.grid, args.logdir, seeds=args.seeds, jobs=args.jobs,
+                               command=args.run_command, sets=args.sets)
+    failed = [o for o in outcomes if o.status == "failed"]
+    done = sum(o.status == "done" for o in outcomes)
+    skipped = sum(o.status == "skipped" for o in outcomes)
+    print(f"sweep: {done} run, {skipped} finished before, {len(failed)} failed")
+    for outcome in failed:
+        print(f"  failed: {outcome.point.name}: {outcome.message}", file=sys.stderr)
+    if page is not None:
+        print(f"report: {page}")
+    return 1 if failed else 0
+
+
 COMMANDS: Dict[str, Callable[[argparse.Namespace], Optional[int]]] = {
     "synth": _cmd_synth,
     "preprocess": _cmd_preprocess,
     "train": _cmd_train,
     "simulate": _cmd_simulate,
+    "report": _cmd_report,
+    "sweep": _cmd_sweep,
 }
 
 
@@ -180,6 +225,7 @@ def user_error(err: BaseException, args: argparse.Namespace) -> Optional[Tuple[i
     from fedrec.data.errors import DataError
     from fedrec.federated.client_runner import ClientError
     from fedrec.federated.mpi_backend import MPIProcessError
+    from fedrec.report.runs import ReportError
     from fedrec.utilities.checkpoint import CheckpointError
     from fedrec.utilities.divergence import DivergedError
     from fedrec.utilities.registry import ConfigTypeError, RegistryError
@@ -187,6 +233,8 @@ def user_error(err: BaseException, args: argparse.Namespace) -> Optional[Tuple[i
 
     command = f"fedrec {args.command}"
     resumable = args.command in ("train", "simulate")
+    if isinstance(err, KeyboardInterrupt) and args.command == "sweep":
+        return 130, f"{command}: interrupted; run the same command again to finish the sweep (finished points are kept)"
     if isinstance(err, KeyboardInterrupt):
         return 130, f"{command}: interrupted" + (f"; resume with: {resume_command(args)}" if resumable else "")
     if isinstance(err, (ClientError, MPIProcessError)) and _client_diverged(err):
@@ -197,7 +245,7 @@ def user_error(err: BaseException, args: argparse.Namespace) -> Optional[Tuple[i
         return 1, (f"{command}: a client failed: {err}\n  the last round's checkpoint is intact: "
                    f"fix the cause and resume with: {resume_command(args)}")
     if isinstance(err, (ConfigError, ConfigTypeError, DataError, RegistryError, CheckpointError,
-                        DivergedError, LogdirBusyError)):
+                        DivergedError, LogdirBusyError, ReportError)):
         return 2, f"{command}: error: {err}"
     if isinstance(err, OSError):
         return 2, f"{command}: error: {_os_error(err, args)}"

@@ -125,8 +125,19 @@ def run_train(config: Dict[str, Any], logdir: str | Path, resume: bool = False,
             test = trainer.test()
     print(f"val:  {_fmt(val)}")
     print(f"test: {_fmt(test)}")
+    print(_summary_table(val, test))
     print(f"results in {logdir}: metrics.jsonl, TensorBoard events, checkpoints/, config.yml")
     return {**{f"val_{k}": v for k, v in val.items()}, **{f"test_{k}": v for k, v in test.items()}}
+
+
+def _summary_table(val: Dict[str, float], test: Dict[str, float]) -> str:
+    """The end-of-run table: every metric of the last validation and of the test."""
+    from fedrec.report.tables import format_value
+    from fedrec.utilities.console import format_table
+
+    keys = list(dict.fromkeys([*val, *test]))
+    return format_table(["metric", "val", "test"], [[k, format_value(val.get(k)), format_value(test.get(k))]
+                                                     for k in keys])
 
 
 def _fmt(metrics: Dict[str, float]) -> str:

@@ -960,11 +960,11 @@ class _Scan:
 
 
 def _progress_bar(total: int, desc: str, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    from tqdm import tqdm
+    from fedrec.utilities.console import progress_bar, progress_enabled
 
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False)
+    if not progress_enabled(enabled):
+        return None
+    return progress_bar(True, total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False)
 
 
 def _scan(path: Path, parser: _ChunkParser, counter: Optional[_VocabCounter], chunk_bytes: int,

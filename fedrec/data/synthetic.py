@@ -227,9 +227,9 @@ def _write_rows(world: _World, rows: int, seed: int, path: Path, compress: bool,
     sink = pa.CompressedOutputStream(str(path), "gzip") if compress else pa.OSFile(str(path), "wb")
     blocks = range(0, rows, BLOCK_ROWS)
     if progress:
-        from tqdm import tqdm
+        from fedrec.utilities.console import progress_bar
 
-        blocks = tqdm(blocks, desc=f"{path.name}: synthesize", unit="block", leave=False)
+        blocks = progress_bar(True, iterable=blocks, desc=f"{path.name}: synthesize", unit="block", leave=False)
     with sink, pacsv.CSVWriter(sink, schema, write_options=options) as writer:
         for start in blocks:
             n = min(BLOCK_ROWS, rows - start)

@@ -18,6 +18,29 @@ def format_round(row: Dict[str, Any]) -> str:
             f"{row['round_seconds']:.2f}s  up {row['bytes_up'] / 1e6:,.1f} MB{eps_text}")
 
 
+def summary_table(history: List[Dict[str, Any]], totals: Dict[str, Any]) -> str:
+    """The end-of-run table: each quality metric's final and best value (with its round),
+    then what the run cost."""
+    from fedrec.report.tables import direction, format_value
+    from fedrec.utilities.console import format_table
+
+    rows = []
+    for key in ("roc_auc", "log_loss", "accuracy", "train_loss", "epsilon"):
+        points = [(r["round"], r[key]) for r in history
+                  if isinstance(r.get(key), (int, float)) and not math.isnan(r[key])]
+        if not points:
+            continue
+        sign = direction(key)
+        best = max(points, key=lambda p: sign * p[1]) if sign else None
+        rows.append([key, format_value(points[-1][1]),
+                     f"{format_value(best[1])} (round {best[0]})" if best else "-"])
+    seconds = sum(r.get("round_seconds", 0.0) + r.get("eval_seconds", 0.0) for r in history)
+    cost = (f"{len(history)} round(s) run in {seconds:.1f}s; in all: {totals.get('clients', 0):,} client runs, "
+            f"{totals.get('samples', 0):,} samples, {totals.get('bytes_up', 0) / 1e6:,.1f} MB up, "
+            f"{totals.get('bytes_down', 0) / 1e6:,.1f} MB down")
+    return (format_table(["metric", "final", "best"], rows) + "\n" if rows else "") + cost
+
+
 def _check_backend(config: Dict[str, Any]) -> None:
     """What making the backend would refuse, checked before the logdir is touched."""
     from fedrec.federated.config import fl_config_from
@@ -93,6 +116,7 @@ def run_simulation(config: Dict[str, Any], logdir: str | Path, resume: bool = Fa
             print(format_round(row))
         print(f"{sim.backend.name} backend, {sim.fl.num_workers:,} workers, "
               f"{sim.fl.client_num_per_round} per round, fl_algo {sim.fl.fl_algo.get('name')}")
+        print(summary_table(history, sim.totals))
         print(f"results in {logdir}: metrics.jsonl (one line per round), summary.json, "
               f"TensorBoard events, checkpoints/")
     return history

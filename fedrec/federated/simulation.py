@@ -20,7 +20,6 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from fedrec.federated.backends import Backend, make_blocks
 from fedrec.federated.client_runner import PARTITION_FILE, ClientRunner, ClientStats, build_client_runner  # noqa: F401
@@ -34,6 +33,7 @@ from fedrec.federated_worker import Cohort, FederatedWorker, InvalidStateError, 
 from fedrec.utilities import registry
 from fedrec.utilities.checkpoint import LoadedCheckpoint
 from fedrec.utilities.config import ConfigError
+from fedrec.utilities.console import progress_bar
 from fedrec.utilities.divergence import check_round
 from fedrec.utilities.logger import BaseLogger, NullLogger
 
@@ -248,8 +248,8 @@ class Simulation:
         if last < self.fl.num_rounds:
             self.logger.warning(f"the privacy budget allows {last} of fl.num_rounds {self.fl.num_rounds} rounds: "
                                 f"the run stops after round {last} with a checkpoint")
-        bar = tqdm(total=last, initial=min(self.round_idx, last), unit="round", desc="fl",
-                   disable=not self.fl.progress_bar, dynamic_ncols=True)
+        bar = progress_bar(self.fl.progress_bar, total=last, initial=min(self.round_idx, last), unit="round",
+                           desc="fl", dynamic_ncols=True)
         try:
             while self.round_idx < last:
                 row = self.run_round()
@@ -304,7 +304,9 @@ class Simulation:
 
     def _write_summary(self) -> None:
         final = self.history[-1] if self.history else {}
-        summary = {"rounds": self.round_idx, "totals": self.totals,
+        # "finished": every round this config asks for is done (a sweep skips such a run)
+        summary = {"rounds": self.round_idx, "num_rounds": self.fl.num_rounds,
+                   "finished": self.round_idx >= self.final_round, "totals": self.totals,
                    "final": {k: v for k, v in final.items() if isinstance(v, (int, float))}}
         tmp = self.logdir / "summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2, default=float))

@@ -9,13 +9,13 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import pydantic
 import torch
-from tqdm.auto import tqdm
 
 from fedrec.data.errors import DataError
 from fedrec.optimization.schedulers import ConstantScheduler
 from fedrec.trainers.base_trainer import BaseTrainer
 from fedrec.utilities import registry
 from fedrec.utilities.config import ConfigError
+from fedrec.utilities.console import progress_bar
 from fedrec.utilities.divergence import DivergedError, NonFinitePredictions
 from fedrec.utilities.logger import BaseLogger
 
@@ -218,8 +218,8 @@ class DLRMTrainer(BaseTrainer):
         window_loss = torch.tensor(progress.window_loss_sum, dtype=torch.float64, device=self.device)
         window_samples = progress.window_samples
         timed_samples, window_start = 0, time.perf_counter()
-        bar = tqdm(total=total, initial=progress.step, unit="batch", dynamic_ncols=True,
-                   disable=not cfg.progress_bar, desc="train")
+        bar = progress_bar(cfg.progress_bar, total=total, initial=progress.step, unit="batch", dynamic_ncols=True,
+                           desc="train")
         self.model.train()
         try:
             while progress.step < total:
