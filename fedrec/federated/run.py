@@ -43,7 +43,7 @@ def run_simulation(config: Dict[str, Any], logdir: str | Path, resume: bool = Fa
     or the earlier run moves to ``logdir/previous/<time>/`` (fresh run).
     """
     from fedrec.federated.resume import find_resume_point, saved_partition_matches, simulation_fingerprint
-    from fedrec.federated.simulation import build_client_runner, check_simulation, final_round
+    from fedrec.federated.simulation import build_client_runner, check_simulation, devices_digest, final_round
     from fedrec.utilities.divergence import NonFinitePredictions
     from fedrec.utilities.logger import RunLogger, read_metrics
     from fedrec.utilities.run_dir import LogdirLock, start_writing
@@ -52,8 +52,9 @@ def run_simulation(config: Dict[str, Any], logdir: str | Path, resume: bool = Fa
     started = time.perf_counter()
     _check_backend(config)
     runner = build_client_runner(config, None, config_path, new_partition=True)  # checks; writes nothing
-    check_simulation(runner)
-    fingerprint = simulation_fingerprint(config, runner.trainer.dataset, runner.postprocessors)
+    clock = check_simulation(runner)
+    fingerprint = simulation_fingerprint(config, runner.trainer.dataset, runner.postprocessors,
+                                         devices=devices_digest(clock))
     skipped: List[str] = []
     notes = [f"config, data, model and client split built and checked in {time.perf_counter() - started:.2f}s"]
     with LogdirLock(logdir):
