@@ -156,9 +156,11 @@ class Availability:
         the start of the next period."""
         phase, periods = self._phase(t)
         left = np.where((self.starts <= phase) & (phase <= self.ends), self.ends - phase, -np.inf)
-        later = phase + np.where(np.isinf(periods), np.inf, periods)
-        again = (self.starts <= later) & (later <= self.ends)
-        return np.where(again, np.maximum(left, self.ends - later), left)
+        repeats = np.isfinite(periods)
+        later = phase + np.where(repeats, periods, 0.0)
+        again = repeats & (self.starts <= later) & (later <= self.ends)
+        with np.errstate(invalid="ignore"):
+            return np.where(again, np.maximum(left, self.ends - later), left)
 
     def online_until(self, t: float) -> np.ndarray:
         """float64 [N]: when each client's current online window closes (-inf: offline now)."""

@@ -157,8 +157,10 @@ class VirtualClock:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.now = float(state["now"])
         self.totals = dict(state["totals"])
-        self.selected_count = np.array(state["selected"], dtype=np.int64)
-        self.kept_count = np.array(state["kept"], dtype=np.int64)
+        import torch
+
+        self.selected_count = torch.as_tensor(state["selected"]).numpy().astype(np.int64)
+        self.kept_count = torch.as_tensor(state["kept"]).numpy().astype(np.int64)
 
 
 def build_clock(runner: Any) -> Optional[VirtualClock]:
