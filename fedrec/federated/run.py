@@ -14,8 +14,9 @@ def format_round(row: Dict[str, Any]) -> str:
     auc = row.get("roc_auc")
     auc_text = f"auc {auc:.4f}  log_loss {row['log_loss']:.4f}" if auc is not None and not math.isnan(auc) else "auc -"
     eps_text = f"  epsilon {row['epsilon']:.3g}" if "epsilon" in row else ""
+    clock_text = f"  device time {row['virtual_time']:,.0f}s" if "virtual_time" in row else ""
     return (f"round {row['round']:3d}: {auc_text}  clients {row['clients']}  samples {row['samples']:,}  "
-            f"{row['round_seconds']:.2f}s  up {row['bytes_up'] / 1e6:,.1f} MB{eps_text}")
+            f"{row['round_seconds']:.2f}s  up {row['bytes_up'] / 1e6:,.1f} MB{eps_text}{clock_text}")
 
 
 def _check_backend(config: Dict[str, Any]) -> None:
