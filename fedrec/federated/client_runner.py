@@ -348,6 +348,34 @@ class ClientRunner:
                 total += (ids.numel() * dim_of[name] if ids is not None else tensor.numel()) * value
         return int(total)
 
+    @property
+    def dense_bytes(self) -> int:
+        """Bytes of the parameters every client downloads and uploads whole."""
+        return int(self._dense_bytes)
+
+    def planned_costs(self, client_ids: Sequence[int], context: RoundContext, samples: np.ndarray) -> np.ndarray:
+        """float64 [n, 3]: each client's bytes down, samples and bytes up, known before it
+        trains (the round policy decides on them): the download as ``_download_bytes``
+        counts it, the upload of its model delta (MLPs whole, its touched rows with ids),
+        ``samples[cid]`` from ``local_samples``. A sparse client's row counts come from its
+        data once and are cached (a client's data never change)."""
+        value = self.fl.value_bytes
+        out = np.zeros((len(client_ids), 3), dtype=np.float64)
+        for k, cid in enumerate(client_ids):
+            rows = self._row_counts(int(cid)) if self.sparse_mode else {}
+            row_bytes = sum(n * (8 + self.replica[name].shape[1] * value) for name, n in rows.items())
+            down = self._dense_bytes + row_bytes
+            for name, tensor in context.server_values.items():
+                down += (rows[name] * self.replica[name].shape[1] if name in rows else tensor.numel()) * value
+            out[k] = (down, samples[int(cid)], self._dense_bytes + row_bytes)
+        return out
+
+    def _row_counts(self, cid: int) -> Dict[str, int]:
+        cache = self.__dict__.setdefault("_row_count_cache", {})
+        if cid not in cache:
+            cache[cid] = {name: int(ids.numel()) for name, ids in self._rows_of(cid).items()}
+        return cache[cid]
+
     def _client_loss(self, cid: int) -> float:
         """The mean loss of the current replica on client ``cid``'s data (no training)."""
         loader = self.trainer.client_loader(self.partition.indices_of(cid), self.fl.local_batch_size, seed=0)

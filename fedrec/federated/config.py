@@ -42,6 +42,10 @@ class FLConfig(pydantic.BaseModel):
     checkpoint_every_n_rounds: int = pydantic.Field(1, ge=1)  # the last round is always saved
     value_bytes: int = pydantic.Field(4, ge=1)  # bytes per number on the wire (accounting)
     progress_bar: bool = True
+    # device profiles and the virtual clock (docs/devices.md); None: no device time
+    devices: Optional[Dict[str, Any]] = None  # checked by fedrec.federated.devices.DevicesConfig
+    round_policy: Optional[Dict[str, Any]] = None  # deadline, over-commitment, ...; needs devices
+    target_auc: Optional[float] = pydantic.Field(None, gt=0, le=1)  # summary: rounds and device time to reach it
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> "FLConfig":

@@ -37,11 +37,12 @@ RESUME_MAY_CHANGE: Dict[str, str] = {
 }
 
 
-def simulation_fingerprint(config: Mapping[str, Any], dataset: Any, postprocessors: Sequence[Any] = ()
-                           ) -> Dict[str, Any]:
+def simulation_fingerprint(config: Mapping[str, Any], dataset: Any, postprocessors: Sequence[Any] = (),
+                           devices: Optional[str] = None) -> Dict[str, Any]:
     """The flat fingerprint of a simulation: its resolved config less
     :data:`RESUME_MAY_CHANGE`, plus the identity of its processed data and what the
-    postprocessors derived from the config (a calibrated noise multiplier)."""
+    postprocessors derived from the config (a calibrated noise multiplier) and the device
+    profiles' digest (``devices``: trace files are read, not fingerprinted by name)."""
     from fedrec.federated.config import fl_config_from
 
     resolved = {name: section for name, section in config.items() if name != "fl"}
@@ -52,7 +53,9 @@ def simulation_fingerprint(config: Mapping[str, Any], dataset: Any, postprocesso
             "has_users": meta.get("has_users", False),
             "source_sha256": (meta.get("source") or {}).get("sha256")}
     fingerprint.update(flatten({"data": data}))
-    derived = {f"postprocessors[{i}]": p.resume_fingerprint() for i, p in enumerate(postprocessors)}
+    derived: Dict[str, Any] = {f"postprocessors[{i}]": p.resume_fingerprint() for i, p in enumerate(postprocessors)}
+    if devices is not None:
+        derived["devices"] = devices
     fingerprint.update(flatten({"derived": {k: v for k, v in derived.items() if v}}))
     return fingerprint
 

@@ -14,8 +14,9 @@ def format_round(row: Dict[str, Any]) -> str:
     auc = row.get("roc_auc")
     auc_text = f"auc {auc:.4f}  log_loss {row['log_loss']:.4f}" if auc is not None and not math.isnan(auc) else "auc -"
     eps_text = f"  epsilon {row['epsilon']:.3g}" if "epsilon" in row else ""
+    clock_text = f"  device time {row['virtual_time']:,.0f}s" if "virtual_time" in row else ""
     return (f"round {row['round']:3d}: {auc_text}  clients {row['clients']}  samples {row['samples']:,}  "
-            f"{row['round_seconds']:.2f}s  up {row['bytes_up'] / 1e6:,.1f} MB{eps_text}")
+            f"{row['round_seconds']:.2f}s  up {row['bytes_up'] / 1e6:,.1f} MB{eps_text}{clock_text}")
 
 
 def summary_table(history: List[Dict[str, Any]], totals: Dict[str, Any]) -> str:
@@ -66,7 +67,7 @@ def run_simulation(config: Dict[str, Any], logdir: str | Path, resume: bool = Fa
     or the earlier run moves to ``logdir/previous/<time>/`` (fresh run).
     """
     from fedrec.federated.resume import find_resume_point, saved_partition_matches, simulation_fingerprint
-    from fedrec.federated.simulation import build_client_runner, check_simulation, final_round
+    from fedrec.federated.simulation import build_client_runner, check_simulation, devices_digest, final_round
     from fedrec.utilities.divergence import NonFinitePredictions
     from fedrec.utilities.logger import RunLogger, read_metrics
     from fedrec.utilities.run_dir import LogdirLock, start_writing
@@ -75,8 +76,9 @@ def run_simulation(config: Dict[str, Any], logdir: str | Path, resume: bool = Fa
     started = time.perf_counter()
     _check_backend(config)
     runner = build_client_runner(config, None, config_path, new_partition=True)  # checks; writes nothing
-    check_simulation(runner)
-    fingerprint = simulation_fingerprint(config, runner.trainer.dataset, runner.postprocessors)
+    clock = check_simulation(runner)
+    fingerprint = simulation_fingerprint(config, runner.trainer.dataset, runner.postprocessors,
+                                         devices=devices_digest(clock))
     skipped: List[str] = []
     notes = [f"config, data, model and client split built and checked in {time.perf_counter() - started:.2f}s"]
     with LogdirLock(logdir):

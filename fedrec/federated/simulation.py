@@ -29,6 +29,8 @@ from fedrec.federated.launch import make_backend
 from fedrec.federated.postprocessors import chain_broadcast, run_server_chain
 from fedrec.federated.resume import check_fingerprint, simulation_fingerprint
 from fedrec.federated.update import sum_updates
+from fedrec.federated.virtual_clock import (DeviceSampler, RoundAbandoned, VirtualClock, append_record, build_clock,
+                                            save_profiles, truncate_records)
 from fedrec.federated_worker import Cohort, FederatedWorker, InvalidStateError, Neighbour, NeighbourTable
 from fedrec.utilities import registry
 from fedrec.utilities.checkpoint import LoadedCheckpoint
@@ -45,6 +47,7 @@ class RoundRecord:
     """What the backend reported for the round in progress (the metrics line's source)."""
 
     stats: List[ClientStats]
+    plan: Any = None  # the round policy's RoundPlan (runs with fl.devices)
 
 
 def check_topology(fl: Any) -> None:
@@ -92,11 +95,19 @@ class _DryRuntime:
         return self._weights
 
 
-def check_simulation(runner: ClientRunner) -> None:
+def check_simulation(runner: ClientRunner) -> Optional[VirtualClock]:
     """What ``Simulation`` builds beyond a process's runner, checked with no side effects
-    (``fedrec simulate`` calls this before it touches the logdir)."""
+    (``fedrec simulate`` calls this before it touches the logdir); returns the virtual
+    clock (device profiles loaded and checked), None without ``fl.devices``."""
     check_topology(runner.fl)
+    clock = build_clock(runner)
     build_aggregator(runner, _DryRuntime(runner, runner.sampler), None)
+    return clock
+
+
+def devices_digest(clock: Optional[VirtualClock]) -> Optional[str]:
+    """The profiles' part of the resume fingerprint (None without devices)."""
+    return clock.profiles.digest() if clock is not None else None
 
 
 class Simulation:
@@ -127,8 +138,15 @@ class Simulation:
         self.logger.info(f"data, model and partition ({self.fl.partitioner.get('name')}) ready{took}: "
                          f"{self.partition.describe(labels=labels)}")
         self.seed = self.fl.seed
+        self.clock = build_clock(self.runner)
+        if self.clock is not None:  # the aggregator samples among online clients, over-committed
+            self.sampler = DeviceSampler(self.sampler, self.clock)
+            save_profiles(self.clock, self.logdir)
+            self.logger.info(self.clock.profiles.describe())
+        self.target: Optional[Dict[str, Any]] = None  # when fl.target_auc was first reached
         # checked on --resume
-        self.fingerprint = simulation_fingerprint(config, trainer.dataset, self.runner.postprocessors)
+        self.fingerprint = simulation_fingerprint(config, trainer.dataset, self.runner.postprocessors,
+                                                  devices=devices_digest(self.clock))
         self.per_row_embeddings = self.runner.per_row_embeddings
         self.postprocessors = self.runner.postprocessors
         for line in filter(None, (p.describe() for p in self.postprocessors)):
@@ -173,10 +191,17 @@ class Simulation:
         context = RoundContext(self.round_idx, self.seed, server_values=worker.server_values(),
                                postprocessor_values=chain_broadcast(self.postprocessors),
                                checkpointed_round=self.checkpointed_round, cohort=sorted(int(i) for i in ids))
+        if self.clock is not None:  # the round policy decides who counts, before anyone trains
+            plan = self.clock.plan(self.round_idx, ids, self.runner.planned_costs(context.cohort, context,
+                                                                                  self.clock.samples))
+            self.last_round.plan = plan
+            if plan.abandoned:
+                raise RoundAbandoned()
+            ids = context.cohort = plan.kept
         blocks = make_blocks(ids, self.fl.reduce_blocks)
         results = self.backend.run_round(context, blocks, self.global_state)
         stats = sorted((s for r in results for s in r.stats), key=lambda s: s.client_id)
-        self.last_round = RoundRecord(stats)
+        self.last_round = RoundRecord(stats, self.last_round.plan)
         reduced = None
         if self.runner.mode == "sum":
             block_updates = sorted((u for r in results for u in r.block_updates), key=lambda bu: bu[0])
@@ -212,7 +237,10 @@ class Simulation:
         start = time.perf_counter()
         self.aggregator.round_idx = self.round_idx
         self.last_round = RoundRecord([])
-        self._loop.run_until_complete(self.aggregator.run())
+        try:
+            self._loop.run_until_complete(self.aggregator.run())
+        except RoundAbandoned:  # too few reports: the model and the server state stay as they are
+            pass
         self.aggregator.in_neighbours.release_models()  # type: ignore[attr-defined]
         seconds = time.perf_counter() - start
         stats = self.last_round.stats
@@ -235,11 +263,16 @@ class Simulation:
                 row[key] += extra
         for key in ("bytes_down", "bytes_up", "samples", "clients"):
             self.totals[key] += row[key]
+        if self.clock is not None:
+            plan = self.last_round.plan or self.clock.plan(self.round_idx, [], np.zeros((0, 3)))
+            row.update(self.clock.settle(plan, stats))
+            self.last_round.plan = plan
         check_round(row, self.round_idx + 1)  # nan: stop before evaluating and saving
         if (self.round_idx + 1) % self.fl.eval_every_n_rounds == 0 or self.round_idx + 1 >= self.final_round:
             eval_start = time.perf_counter()
             row.update(self.evaluate())
             row["eval_seconds"] = time.perf_counter() - eval_start
+            self._check_target(row)
         self.round_idx += 1
         return row
 
@@ -255,6 +288,8 @@ class Simulation:
                 row = self.run_round()
                 self.history.append(row)
                 self.logger.log_metrics("fl", row["round"], row)
+                if self.clock is not None:
+                    append_record(self.logdir, VirtualClock.record(row["round"], self.last_round.plan))
                 if self.round_idx % self.fl.checkpoint_every_n_rounds == 0 or self.round_idx == last:
                     self.save_checkpoint()
                 bar.update(1)
@@ -277,6 +312,8 @@ class Simulation:
             "postprocessors": [p.state_dict() for p in self.postprocessors],
             "totals": dict(self.totals),
             "fingerprint": dict(self.fingerprint),
+            "clock": self.clock.state_dict() if self.clock is not None else None,
+            "target": self.target,
         }
 
     def save_checkpoint(self) -> None:
@@ -299,15 +336,37 @@ class Simulation:
         for postprocessor, saved in zip(self.postprocessors, state.get("postprocessors", [])):
             postprocessor.load_state_dict(saved)
         self.totals = dict(state["totals"])
+        self.target = state.get("target")
+        if self.clock is not None:
+            self.clock.load_state_dict(state["clock"])
+            truncate_records(self.logdir, self.round_idx)
         self.logger.info(f"resumed from {path} at round {self.round_idx}")
         return True
+
+    def _check_target(self, row: Mapping[str, Any]) -> None:
+        """Record the first evaluated round whose AUC reaches ``fl.target_auc``."""
+        target = self.fl.target_auc
+        if target is None or self.target is not None or not row.get("roc_auc", 0.0) >= target:
+            return
+        self.target = {"auc": float(row["roc_auc"]), "round": int(row["round"]),
+                       "virtual_time": row.get("virtual_time")}
 
     def _write_summary(self) -> None:
         final = self.history[-1] if self.history else {}
         # "finished": every round this config asks for is done (a sweep skips such a run)
-        summary = {"rounds": self.round_idx, "num_rounds": self.fl.num_rounds,
-                   "finished": self.round_idx >= self.final_round, "totals": self.totals,
-                   "final": {k: v for k, v in final.items() if isinstance(v, (int, float))}}
+        summary: Dict[str, Any] = {"rounds": self.round_idx, "num_rounds": self.fl.num_rounds,
+                                   "finished": self.round_idx >= self.final_round, "totals": self.totals,
+                                   "final": {k: v for k, v in final.items() if isinstance(v, (int, float))}}
+        if self.fl.target_auc is not None:  # None values: not reached
+            reached = self.target or {}
+            summary["target"] = {"auc": self.fl.target_auc, "reached_auc": reached.get("auc"),
+                                 "rounds": reached.get("round"), "virtual_time": reached.get("virtual_time")}
+        if self.clock is not None:
+            summary["devices"] = {"virtual_time": self.clock.now, **self.clock.totals,
+                                  "participation_file": "participation.json"}
+            part = self.logdir / "participation.json.tmp"
+            part.write_text(json.dumps(self.clock.participation()))
+            part.replace(self.logdir / "participation.json")
         tmp = self.logdir / "summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2, default=float))
         tmp.replace(self.logdir / "summary.json")
