@@ -51,7 +51,8 @@ __all__ = [
 LOCK_FILE = ".fedrec.lock"
 # What a run leaves in its logdir (archived when a fresh run starts in the same folder).
 RUN_FILES = ("metrics.jsonl", "config.yml", "run.log", "checkpoints", "summary.json", "partition.npz",
-             "client_state")  # client_state: per-client state a fresh run must not read
+             "client_state",  # client_state: per-client state a fresh run must not read
+             "devices.npz", "virtual_clock.jsonl", "participation.json")  # fl.devices' profiles and records
 PREVIOUS = "previous"
 
 
@@ -176,7 +177,7 @@ def archive_previous_run(logdir: Path) -> Optional[Path]:
 # Temporary names of the logdir's atomic writes (checkpoint.py, logger.py, simulation.py,
 # partition.py, repair_metrics), relative to the logdir.
 _PARTIAL_WRITES = ("checkpoints/.ckpt-*.pt.*.tmp", "checkpoints/.best.pt.*.tmp", "metrics.jsonl.tmp",
-                   "config.yml.tmp", "summary.json.tmp", "partition.npz.tmp-*")
+                   "config.yml.tmp", "summary.json.tmp", "participation.json.tmp", "partition.npz.tmp-*")
 
 
 def remove_partial_writes(logdir: Path) -> List[str]:
