@@ -37,6 +37,18 @@ def cli(capsys, *argv: Any) -> Tuple[int, str, str]:
     return status, out, err
 
 
+def assert_simulate_refuses(config: Dict[str, Any], tmp_path: Path, capsys, key: str) -> str:
+    """``fedrec simulate`` with ``config`` ends with exit 2 and one line naming ``key``,
+    before it creates the logdir; returns the line."""
+    path = write_config(config, tmp_path / "refused.yml")
+    status, _, err = cli(capsys, "simulate", "--config", path, "--logdir", tmp_path / "run")
+    err = err.strip()
+    assert status == 2, err
+    assert len(err.splitlines()) == 1 and key in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+    return err
+
+
 def snapshot(logdir: Path) -> Dict[str, bytes]:
     """Every file under ``logdir`` (path -> bytes)."""
     return {str(p.relative_to(logdir)): p.read_bytes() for p in sorted(logdir.rglob("*")) if p.is_file()}

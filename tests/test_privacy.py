@@ -21,6 +21,7 @@ from fedrec.utilities import registry
 from fedrec.utilities.checkpoint import CheckpointManager
 from fedrec.utilities.logger import MemoryLogger
 
+from run_helpers import assert_simulate_refuses
 from test_fl_simulation import run
 
 DP = {"name": "dp_gaussian", "clip_norm": 0.5, "noise_multiplier": 1.0}
@@ -148,16 +149,9 @@ def test_noise_does_not_depend_on_the_backend_blocks(config, tmp_path):
     ({"accountant": "moments"}, {}, "accountant"),
 ])
 def test_bad_privacy_config_is_one_line_before_round_one(config, tmp_path, capsys, dp, fl, key):
-    from fedrec.cli import main
-
     config = dp_config(config, **dp)
     config["fl"].update(fl)
-    path = tmp_path / "c.yml"
-    path.write_text(yaml.safe_dump(config))
-    assert main(["simulate", "--config", str(path), "--logdir", str(tmp_path / "run")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and key in err and "Traceback" not in err, err
-    assert not (tmp_path / "run").exists()
+    assert_simulate_refuses(config, tmp_path, capsys, key)
 
 
 def test_epsilon_is_finite_and_grows_with_rounds():

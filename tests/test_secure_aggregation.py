@@ -11,8 +11,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import yaml
-from test_fl_simulation import assert_same_weights, run
 
 from fedrec.federated import client_runner, simulation
 from fedrec.federated.config import FLConfig
@@ -33,6 +31,9 @@ from fedrec.federated.simulation import Simulation
 from fedrec.federated.update import WeightedUpdate
 from fedrec.utilities import registry
 from fedrec.utilities.logger import MemoryLogger
+
+from run_helpers import assert_simulate_refuses
+from test_fl_simulation import assert_same_weights, run
 
 #: 24-bit quantization of [-1, 1]: the test clients' weights (data sizes) stay below 1,000
 SA = {"name": "secure_aggregation", "max_weight": 1000.0, "quantization_bits": 24, "field_bits": 32}
@@ -291,19 +292,13 @@ def test_default_max_weight_is_the_largest_client_or_one_after_dp(config, tmp_pa
     ({}, {"fl_algo": {"name": "median"}}, "fed_avg"),
 ])
 def test_bad_secure_aggregation_config_is_one_line_before_round_one(config, tmp_path, capsys, sa, fl, key):
-    from fedrec.cli import main
 
     config = secagg_config(config, **sa)
     if fl.get("postprocessors") == "append l2_clip":
         config["fl"]["postprocessors"].append({"name": "l2_clip", "bound": 1.0})
     else:
         config["fl"].update(fl)
-    path = tmp_path / "c.yml"
-    path.write_text(yaml.safe_dump(config))
-    assert main(["simulate", "--config", str(path), "--logdir", str(tmp_path / "run")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and key in err and "Traceback" not in err, err
-    assert not (tmp_path / "run").exists()
+    assert_simulate_refuses(config, tmp_path, capsys, key)
 
 
 def test_poisson_cohorts_get_headroom_in_the_field_check():

@@ -10,16 +10,15 @@ from __future__ import annotations
 import copy
 import math
 
-import numpy as np
 import pytest
 import torch
-import yaml
 
 from fedrec.federated.context import ClientContext, RoundContext
 from fedrec.federated.sparse_privacy import split_noise
 from fedrec.federated.update import RowUpdate, WeightedUpdate
 from fedrec.utilities import registry
 
+from run_helpers import assert_simulate_refuses
 from test_fl_simulation import run
 
 ADAFEST = {"name": "dp_adafest", "clip_norm": 0.5, "noise_multiplier": 1.0, "contribution_clip": 2.0}
@@ -229,16 +228,9 @@ def test_bytes_up_are_the_two_phase_protocol(config, tmp_path):
     ({}, {"postprocessors": [{**ADAFEST}, {"name": "l2_clip", "bound": 1.0}]}, "last entry"),
 ])
 def test_bad_sparse_dp_config_is_one_line_before_round_one(config, tmp_path, capsys, dp, fl, key):
-    from fedrec.cli import main
-
     config = sparse_dp_config(config, **dp)
     config["fl"].update(fl)
-    path = tmp_path / "c.yml"
-    path.write_text(yaml.safe_dump(config))
-    assert main(["simulate", "--config", str(path), "--logdir", str(tmp_path / "run")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and key in err and "Traceback" not in err, err
-    assert not (tmp_path / "run").exists()
+    assert_simulate_refuses(config, tmp_path, capsys, key)
 
 
 def test_sparse_dp_under_mpi_gives_the_local_result_bit_for_bit(synthetic_data, tmp_path):
