@@ -10,7 +10,11 @@ clients fail mid-round. Settings, each with dense and sparse embedding updates:
 - ``sync``: synchronous FedAvg, no deadline (the round waits for its slowest report);
 - ``deadline+oc1.3``: a deadline at the 80th percentile of the clients' round times (so it
   is fair to both update modes, whose byte counts differ by orders of magnitude) and
-  1.3x over-commitment (the first K reports are kept).
+  1.3x over-commitment (the first K reports are kept);
+- ``fedbuff``: asynchronous FedBuff (``fl.async``): ``--per-round`` clients in flight, a
+  server step every ``--per-round / 5`` arrivals, staleness weight 1/sqrt(1 + staleness),
+  the same 10% dropouts. One "round" is one server step, so it runs 5x the rounds (the
+  same number of client trips) and is evaluated every 5th step.
 
 Prints JSON lines: per setting the rounds and device seconds to first reach each target AUC;
 then the overhead: rounds of two simulations interleaved in this process (A without
@@ -65,6 +69,16 @@ def deadline_at(config, logdir, quantile):
     return float(np.quantile(times, quantile))
 
 
+def fedbuff_config(config, args):
+    """The ``fedbuff`` setting: the same clients' work as ``sync`` in steps of K = per_round / 5."""
+    run = copy.deepcopy(config)
+    buffer_size = max(1, args.per_round // 5)
+    steps = args.rounds * args.per_round // buffer_size
+    run["fl"].update({"async": {"concurrency": args.per_round, "buffer_size": buffer_size},
+                      "num_rounds": steps, "eval_every_n_rounds": max(1, args.per_round // buffer_size)})
+    return run
+
+
 def time_to_target(config, logdir, targets):
     from fedrec.federated.simulation import Simulation
 
@@ -83,7 +97,7 @@ def time_to_target(config, logdir, targets):
     return {"rounds_and_virtual_seconds_to_auc": reached, "final_auc": last.get("roc_auc"), "rounds": len(history), "virtual_seconds": last["virtual_time"],
             "wasted_samples": sim.clock.totals["wasted_samples"], "wasted_bytes": sim.clock.totals["wasted_bytes"],
             "dropped": sim.clock.totals["dropped"], "late": sim.clock.totals["late"],
-            "surplus": sim.clock.totals["surplus"], "wall_seconds": wall}
+            "surplus": sim.clock.totals["surplus"], "client_updates": sim.totals["clients"], "wall_seconds": wall}
 
 
 def overhead(config, workdir, rounds):
@@ -126,6 +140,8 @@ def main() -> None:
     parser.add_argument("--target-auc", type=float, nargs="+", default=[0.65, 0.70, 0.72])
     parser.add_argument("--overhead-rounds", type=int, default=11)
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--settings", nargs="+", default=["sync", "deadline+oc1.3", "fedbuff"],
+                        help="quality settings to run")
     parser.add_argument("--workdir")
     args = parser.parse_args()
     import torch
@@ -137,17 +153,23 @@ def main() -> None:
         for mode in ("dense", "sparse"):
             config = base_config(data_config, args, mode)
             if not args.skip_quality:
-                deadline = deadline_at(config, workdir / f"probe-{mode}", args.deadline_quantile)
+                deadline = None
+                if "deadline+oc1.3" in args.settings:
+                    deadline = deadline_at(config, workdir / f"probe-{mode}", args.deadline_quantile)
                 for setting, policy in (("sync", {"dropout_rate": 0.1}),
                                         ("deadline+oc1.3", {"dropout_rate": 0.1, "deadline": deadline,
-                                                            "over_commitment": 1.3})):
-                    run = copy.deepcopy(config)
+                                                            "over_commitment": 1.3}),
+                                        ("fedbuff", {"dropout_rate": 0.1})):
+                    if setting not in args.settings:
+                        continue
+                    run = fedbuff_config(config, args) if setting == "fedbuff" else copy.deepcopy(config)
                     run["fl"]["devices"] = PROFILE
                     run["fl"]["round_policy"] = policy
                     emit(bench="fl_devices", mode=mode, setting=setting, target_auc=args.target_auc,
                          deadline=policy.get("deadline"), **time_to_target(run, workdir / f"{mode}-{setting}", args.target_auc))
-            emit(bench="fl_devices_overhead", mode=mode, **overhead(config, workdir / f"overhead-{mode}",
-                                                                    args.overhead_rounds))
+            if args.overhead_rounds:
+                emit(bench="fl_devices_overhead", mode=mode, **overhead(config, workdir / f"overhead-{mode}",
+                                                                         args.overhead_rounds))
 
 
 if __name__ == "__main__":

@@ -280,7 +280,7 @@ class ClientRunner:
             roles=["trainer"],
             out_neighbours=NeighbourTable([self.aggregator_id]),
             runtime=self,
-            round_idx=job.round_idx,
+            round_idx=job.context.client_rounds.get(cid, job.round_idx),
             sample_num=context.sample_num,
             persistent_storage=str(self.logdir / "workers" / str(cid)) if self.logdir else None,
             client_num_per_round=self.fl.client_num_per_round,

@@ -10,7 +10,9 @@ import pydantic
 class FLConfig(pydantic.BaseModel):
     """Federated simulation settings (``fl:`` in YAML; see configs/dlrm_fl.yml)."""
 
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+    # serialize_by_alias: ``async`` (a Python keyword, so the field is ``async_``) keeps its
+    # YAML name in dumps and resume fingerprints
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True, serialize_by_alias=True)
 
     fl_algo: Dict[str, Any] = {"name": "fed_avg"}
     backend: Literal["local", "mpi", "auto"] = "auto"
@@ -46,6 +48,9 @@ class FLConfig(pydantic.BaseModel):
     devices: Optional[Dict[str, Any]] = None  # checked by fedrec.federated.devices.DevicesConfig
     round_policy: Optional[Dict[str, Any]] = None  # deadline, over-commitment, ...; needs devices
     target_auc: Optional[float] = pydantic.Field(None, gt=0, le=1)  # summary: rounds and device time to reach it
+    # asynchronous FL (FedBuff): {concurrency, buffer_size, staleness, server_lr}; needs
+    # devices; checked by fedrec.federated.fedbuff.AsyncConfig (docs/devices.md)
+    async_: Optional[Dict[str, Any]] = pydantic.Field(None, alias="async")
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> "FLConfig":

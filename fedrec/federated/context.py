@@ -43,6 +43,9 @@ class RoundContext:
     #: the round's cohort, ascending (every client id the server selected): protocols
     #: among the clients (secure aggregation's pairwise masks) need to know who takes part
     cohort: List[int] = dataclasses.field(default_factory=list)
+    #: per-client round index where it differs from ``round_idx`` (FedBuff: the index of
+    #: the launch that started each client; it seeds the client's data order)
+    client_rounds: Dict[int, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

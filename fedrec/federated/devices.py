@@ -181,6 +181,17 @@ class Availability:
         wait = np.where(self.starts > phase, self.starts - phase, periods - phase + self.starts)
         return t + float(wait.min()) if wait.size else math.inf
 
+    def online_from(self, t: float) -> np.ndarray:
+        """float64 [N]: ``t`` for clients online at ``t``, else when each next comes
+        online (inf: never)."""
+        phase, periods = self._phase(t)
+        with np.errstate(invalid="ignore"):
+            wait = np.where(self.starts > phase, self.starts - phase, periods - phase + self.starts)
+        best = np.full(self.periods.size, np.inf)
+        owner = np.repeat(np.arange(self.periods.size), np.diff(self.offsets))
+        np.minimum.at(best, owner, np.where(np.isnan(wait), np.inf, wait))
+        return np.where(self.online(t), t, t + best)
+
     def check(self, source: str) -> None:
         bad = np.flatnonzero(self.ends < self.starts)
         if bad.size:

@@ -25,6 +25,8 @@ from fedrec.federated.backends import Backend, make_blocks
 from fedrec.federated.client_runner import PARTITION_FILE, ClientRunner, ClientStats, build_client_runner  # noqa: F401
 from fedrec.federated.config import fl_config_from
 from fedrec.federated.context import RoundContext
+from fedrec.federated.fedbuff import FedBuff, Flight, build_fedbuff
+from fedrec.federated.fedbuff import describe as describe_fedbuff
 from fedrec.federated.launch import make_backend
 from fedrec.federated.postprocessors import chain_broadcast, run_server_chain
 from fedrec.federated.resume import check_fingerprint, simulation_fingerprint
@@ -47,7 +49,7 @@ class RoundRecord:
     """What the backend reported for the round in progress (the metrics line's source)."""
 
     stats: List[ClientStats]
-    plan: Any = None  # the round policy's RoundPlan (runs with fl.devices)
+    plan: Any = None  # the round policy's RoundPlan (runs with fl.devices), or FedBuff's Outcome
 
 
 def check_topology(fl: Any) -> None:
@@ -101,6 +103,7 @@ def check_simulation(runner: ClientRunner) -> Optional[VirtualClock]:
     clock (device profiles loaded and checked), None without ``fl.devices``."""
     check_topology(runner.fl)
     clock = build_clock(runner)
+    build_fedbuff(runner, clock)
     build_aggregator(runner, _DryRuntime(runner, runner.sampler), None)
     return clock
 
@@ -143,6 +146,10 @@ class Simulation:
             self.sampler = DeviceSampler(self.sampler, self.clock)
             save_profiles(self.clock, self.logdir)
             self.logger.info(self.clock.profiles.describe())
+        # fl.async: FedBuff's event queue replaces the synchronous rounds (docs/devices.md)
+        self.fedbuff: Optional[FedBuff] = build_fedbuff(self.runner, self.clock)
+        if self.fedbuff is not None:
+            self.logger.info(describe_fedbuff(self.fedbuff.config))
         self.target: Optional[Dict[str, Any]] = None  # when fl.target_auc was first reached
         # checked on --resume
         self.fingerprint = simulation_fingerprint(config, trainer.dataset, self.runner.postprocessors,
@@ -156,6 +163,8 @@ class Simulation:
             k: v.detach().clone() for k, v in trainer.model.state_dict().items()
         }
         self.aggregator = build_aggregator(self.runner, self, str(self.logdir / "aggregator"))
+        if self.fedbuff is not None:
+            self.fedbuff.server_values = self.aggregator.server_values
         self.backend = backend or make_backend(self.fl.backend, self.runner, config, self.logdir,
                                                processes=self.fl.mpi_processes, config_path=config_path)
         from fedrec.utilities.checkpoint import CheckpointManager
@@ -218,6 +227,24 @@ class Simulation:
             out.append(neighbour)
         return Cohort(out, reduced=reduced, updates=dict(sorted(updates.items())))
 
+    def _train_async(self, version: int, flights: List[Flight]) -> Dict[int, Any]:
+        """FedBuff: train ``flights`` (ascending ids, every one started on the global model,
+        now at ``version``) through the backend, one block per client so that each update
+        comes back on its own; each client's data order follows its launch."""
+        ids = [f.client for f in flights]
+        context = RoundContext(version, self.seed, server_values=self.aggregator.server_values(),
+                               checkpointed_round=self.checkpointed_round, cohort=ids,
+                               client_rounds={f.client: f.launch for f in flights})
+        blocks = [(b, [cid]) for b, cid in enumerate(ids)]
+        results = self.backend.run_round(context, blocks, self.global_state)
+        updates = {ids[b]: update for r in results for b, update in r.block_updates}
+        stats = {s.client_id: s for r in results for s in r.stats}
+        return {cid: (updates[cid], stats[cid]) for cid in ids}
+
+    def _step_async(self, update: Any, server_lr: float) -> None:
+        """FedBuff's server step: the aggregator's server optimizer, scaled by ``server_lr``."""
+        self.aggregator.server_optimizer.step(update, per_row=self.per_row_embeddings, scale=server_lr)
+
     def train(self, worker: FederatedWorker, model_dir: Optional[str] = None):
         raise InvalidStateError("the aggregator does not train in a star topology")
 
@@ -237,10 +264,14 @@ class Simulation:
         start = time.perf_counter()
         self.aggregator.round_idx = self.round_idx
         self.last_round = RoundRecord([])
-        try:
-            self._loop.run_until_complete(self.aggregator.run())
-        except RoundAbandoned:  # too few reports: the model and the server state stay as they are
-            pass
+        if self.fedbuff is not None:  # one server step of FedBuff (buffer_size arrivals)
+            outcome = self.fedbuff.next_update(self._train_async, self._step_async)
+            self.last_round = RoundRecord(outcome.stats, outcome)
+        else:
+            try:
+                self._loop.run_until_complete(self.aggregator.run())
+            except RoundAbandoned:  # too few reports: the model and the server state stay as they are
+                pass
         self.aggregator.in_neighbours.release_models()  # type: ignore[attr-defined]
         seconds = time.perf_counter() - start
         stats = self.last_round.stats
@@ -263,7 +294,9 @@ class Simulation:
                 row[key] += extra
         for key in ("bytes_down", "bytes_up", "samples", "clients"):
             self.totals[key] += row[key]
-        if self.clock is not None:
+        if self.fedbuff is not None:
+            row.update(self.last_round.plan.metrics)
+        elif self.clock is not None:
             plan = self.last_round.plan or self.clock.plan(self.round_idx, [], np.zeros((0, 3)))
             row.update(self.clock.settle(plan, stats))
             self.last_round.plan = plan
@@ -289,7 +322,7 @@ class Simulation:
                 self.history.append(row)
                 self.logger.log_metrics("fl", row["round"], row)
                 if self.clock is not None:
-                    append_record(self.logdir, VirtualClock.record(row["round"], self.last_round.plan))
+                    append_record(self.logdir, self._clock_record(row["round"]))
                 if self.round_idx % self.fl.checkpoint_every_n_rounds == 0 or self.round_idx == last:
                     self.save_checkpoint()
                 bar.update(1)
@@ -300,6 +333,12 @@ class Simulation:
             bar.close()
         self._write_summary()
         return self.history
+
+    def _clock_record(self, round_number: int) -> Dict[str, Any]:
+        """The round's line in ``virtual_clock.jsonl`` (FedBuff: the step's arrivals)."""
+        if self.fedbuff is not None:
+            return self.last_round.plan.record(round_number)
+        return VirtualClock.record(round_number, self.last_round.plan)
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
@@ -314,6 +353,7 @@ class Simulation:
             "fingerprint": dict(self.fingerprint),
             "clock": self.clock.state_dict() if self.clock is not None else None,
             "target": self.target,
+            "fedbuff": self.fedbuff.state_dict() if self.fedbuff is not None else None,
         }
 
     def save_checkpoint(self) -> None:
@@ -340,6 +380,8 @@ class Simulation:
         if self.clock is not None:
             self.clock.load_state_dict(state["clock"])
             truncate_records(self.logdir, self.round_idx)
+        if self.fedbuff is not None:
+            self.fedbuff.load_state_dict(state["fedbuff"])
         self.logger.info(f"resumed from {path} at round {self.round_idx}")
         return True
 

@@ -222,7 +222,8 @@ def validate_model(model: type, values: Mapping[str, Any], label: str) -> Any:
         for e in err.errors():
             key = ".".join(str(p) for p in e.get("loc", ())) or "(config)"
             if e.get("type") == "extra_forbidden":
-                problems.append(f"unknown key {key!r}; known keys: {sorted(model.model_fields)}")
+                problems.append(f"unknown key {key!r}; known keys: "
+                                f"{sorted(f.alias or n for n, f in model.model_fields.items())}")
             else:
                 problems.append(f"key {key!r}: {e.get('msg')} (got {e.get('input')!r})")
         raise ConfigTypeError(f"{label}: " + "; ".join(problems)) from None
