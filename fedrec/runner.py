@@ -162,5 +162,5 @@ def _summary_table(val: Dict[str, float], test: Dict[str, float]) -> str:
 
 
 def _fmt(metrics: Dict[str, float]) -> str:
-    keys = ("roc_auc", "log_loss", "accuracy")
+    keys = ("roc_auc", "log_loss", "accuracy", "hr@10", "ndcg@10", "rmse")
     return "  ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)

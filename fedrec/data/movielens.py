@@ -294,7 +294,7 @@ def _preprocess(source: Path, output: Path, options: MovieLensOptions) -> Dict[s
         np.save(tmp / "item_ids.npy", item_ids.astype(np.int64))
         metadata = {
             "written_by": WRITTEN_BY, "format": FORMAT, "format_version": FORMAT_VERSION,
-            "source": str(source.resolve()), "num_users": int(len(user_ids)), "num_items": int(len(item_ids)),
+            "source": {"path": str(source.resolve()), "sha256": _sha256(source)}, "num_users": int(len(user_ids)), "num_items": int(len(item_ids)),
             "splits": splits, "options": options.model_dump(mode="json"),
             "rating_mean": float(np.mean(label[order[code == 0]])) if splits["train"] else 0.0,
             "report": report,
@@ -305,6 +305,17 @@ def _preprocess(source: Path, output: Path, options: MovieLensOptions) -> Dict[s
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return metadata
+
+
+def _sha256(path: Path) -> str:
+    """The source file's digest (a resumed run refuses data that changed under it)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def describe_report(metadata: Dict[str, Any]) -> List[str]:
