@@ -139,6 +139,11 @@ class RecTrainer(BaseTrainer):
             raise DataError(f"the training split of {self.dataset.path} has no rows")
         splits = [self.dataset.split(s) for s in ("train", "val", "test")]
         self.rated = RatedItems([s.user for s in splits], [s.item for s in splits], self.dataset.num_items)
+        most = int(np.bincount(self.rated.keys // self.dataset.num_items).max())
+        if self.dataset.num_items - most < train_config.eval_negatives:
+            raise ConfigError(f"train.config.eval_negatives is {train_config.eval_negatives}, but a user of "
+                              f"{self.dataset.path} has rated {most} of its {self.dataset.num_items} items, leaving "
+                              f"{self.dataset.num_items - most} to sample from; lower eval_negatives")
         self._loaders: Optional[Dict[str, Any]] = None
         super().__init__(config_dict, train_config, logger, model_preproc, logdir)
         if self.model.loss_function == "mse" and self.dataset.feedback != "explicit":
@@ -215,7 +220,7 @@ class RecTrainer(BaseTrainer):
         try:
             chunk = max(1, cfg.eval_batch_size // (cfg.eval_negatives + 1))
             for b, start in enumerate(range(0, len(split), chunk)):
-                user = np.asarray(split.user[start:start + chunk], np.int64)
+                user = np.array(split.user[start:start + chunk], np.int64)
                 item = np.asarray(split.item[start:start + chunk], np.int64)
                 rng = np.random.default_rng(derive_seed(cfg.eval_seed, b, len(split)))
                 negatives = self.rated.sample_distinct(user, cfg.eval_negatives, rng)
