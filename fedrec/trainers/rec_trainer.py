@@ -234,7 +234,7 @@ class RecTrainer(BaseTrainer):
                 users.append(user)
                 ranks_.append(ranks(scores.cpu().numpy()))
                 if self.model.loss_function == "mse":
-                    label = torch.from_numpy(np.asarray(split.label[start:start + chunk], np.float32))
+                    label = torch.from_numpy(np.array(split.label[start:start + chunk], np.float32))
                     sq.append(((scores[:, 0].cpu() - label) ** 2).numpy())
         finally:
             self.model.train(was_training)
