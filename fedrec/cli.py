@@ -160,8 +160,11 @@ def _cmd_synth(args: argparse.Namespace) -> None:
 def _cmd_synth_ratings(args: argparse.Namespace) -> None:
     from fedrec.data.synthetic_ratings import synthesize_ratings
 
-    meta = synthesize_ratings(args.out, num_users=args.users, num_items=args.items, mean_per_user=args.per_user,
-                              dim=args.dim, seed=args.seed)
+    try:
+        meta = synthesize_ratings(args.out, num_users=args.users, num_items=args.items,
+                                  mean_per_user=args.per_user, dim=args.dim, seed=args.seed)
+    except ValueError as err:  # a bad count: one line, exit status 2
+        raise ConfigError(str(err)) from None
     print(f"wrote {meta['rows']:,} ratings of {args.users:,} users to {args.out} (oracle sampled HR@10 "
           f"{meta['oracle_hr@10']:.3f}, NDCG@10 {meta['oracle_ndcg@10']:.3f}); metadata in {args.out}.meta.json")
 

@@ -209,6 +209,7 @@ def test_private_embeddings_never_uploaded(synthetic_config, tmp_path):
     from fedrec.federated.update import RowSubset
 
     sim = _sim(copy.deepcopy(synthetic_config), tmp_path)
+    assert sim.fl.num_workers == 30  # left out of the config: one client per user
     runner = sim.runner
     private = set(runner.private_names)
     assert private == {"user_embedding.weight", "user_bias.weight"}
@@ -229,6 +230,12 @@ def test_private_embeddings_never_uploaded(synthetic_config, tmp_path):
     items = set(np.asarray(runner.trainer.dataset.split("train").item[client_rows]).tolist())
     touched = set(runner._rows_of(3, 0)["item_embedding.weight"].tolist())
     assert items <= touched and len(touched) < runner.trainer.dataset.num_items
+    # negatives are drawn from (seed, round, client): the same again, other ones next round
+    assert torch.equal(runner._rows_of(3, 0)["item_embedding.weight"], runner._rows_of(3, 0)["item_embedding.weight"])
+    assert not torch.equal(runner._rows_of(3, 0)["item_embedding.weight"], runner._rows_of(3, 1)["item_embedding.weight"])
+    negatives = runner.trainer.client_loader(client_rows, 8, seed=123).negatives()
+    user = int(runner.trainer.dataset.split("train").user[client_rows[0]])
+    assert not runner.trainer.rated.contains(np.full(negatives.size, user), negatives.reshape(-1)).any()
     # the user's row is in its own state, and the global model a client starts from has none
     state, _ = runner.store.get(3, 1)
     assert state["private/user_embedding.weight"].shape == (1, 8)
@@ -308,6 +315,35 @@ def test_config_errors_are_one_line(synthetic_config, tmp_path, capsys):
     assert "unknown key 'feedbak'" in run({"model.preproc.feedbak": "implicit"}, "train")
     assert "embedding_dim" in run({"model.embedding_dim": "wide"}, "train")
     assert "lower eval_negatives" in run({"train.config.eval_negatives": 99}, "train")
+
+
+@pytest.mark.parametrize("algo", [{"name": "scaffold"}, {"name": "fed_prox", "mu": 0.1}])
+def test_stateful_algorithms_keep_private_rows_beside_their_state(synthetic_config, tmp_path, algo):
+    from fedrec.federated.run import run_simulation
+
+    config = copy.deepcopy(synthetic_config)
+    config["fl"].update({"fl_algo": algo, "num_rounds": 2})
+    history = run_simulation(config, tmp_path, print_rounds=False)
+    assert math.isfinite(history[-1]["hr@10"])
+    files = sorted((tmp_path / "client_state").rglob("r*.safetensors"))
+    from safetensors import safe_open
+
+    with safe_open(str(files[0]), framework="pt") as handle:
+        keys = set(handle.keys())
+    assert "private/user_embedding.weight" in keys
+    if algo["name"] == "scaffold":  # its control variates cover the item rows, never the user's
+        assert any(k.startswith("item_embedding") for k in keys) and not any(
+            k.startswith("user_") for k in keys)
+
+
+def test_synth_ratings_cli(tmp_path, capsys):
+    from fedrec.cli import main
+
+    assert main(["synth-ratings", "--users", "20", "--items", "150", "--out", str(tmp_path / "r.csv")]) == 0
+    assert "oracle sampled HR@10" in capsys.readouterr().out
+    assert main(["synth-ratings", "--users", "20", "--items", "50", "--out", str(tmp_path / "r.csv")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "num_items must be >= 110" in err and "\n" not in err
 
 
 def test_centralized_train_and_mse_rmse(synthetic_config, tmp_path):

@@ -22,6 +22,9 @@ import numpy as np
 def synthesize_ratings(path: str | Path, num_users: int, num_items: int = 2000, mean_per_user: int = 20,
                        dim: int = 16, scale: float = 4.0, seed: int = 0, chunk_users: int = 2048) -> Dict[str, Any]:
     """Write ``userId,movieId,rating,timestamp`` lines to ``path``; returns the metadata."""
+    if num_users < 1 or mean_per_user < 3 or dim < 1:
+        raise ValueError(f"users must be >= 1, mean ratings per user >= 3 and dim >= 1, got {num_users}, "
+                         f"{mean_per_user} and {dim}")
     if num_items < 110:
         raise ValueError(f"num_items must be >= 110 (a user's items plus 99 sampled negatives), got {num_items}")
     rng = np.random.default_rng(seed)
