@@ -227,6 +227,8 @@ class ClientRunner:
         context: Optional[ClientContext] = worker.context
         if context is not None and weights is context.start:
             self._download(weights, context.touched_rows)
+            if self.private_names:  # the user's own rows come from its state, not the server
+                self._load_private(context)
         else:
             self.model.load_state_dict(weights, strict=not self.private_names)
 
@@ -257,8 +259,6 @@ class ClientRunner:
         if self.attack is not None and self.attack.is_malicious(cid):
             loader = self.attack.poison_data(loader)
         objective = functools.partial(worker.local_objective, context=context) if self._has_objective else None
-        if self.private_names:
-            self._load_private(context)
         total = train_locally(self.trainer, loader, optimizer, self.fl, objective=objective)
         context.train_result = total
         return total
