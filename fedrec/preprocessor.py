@@ -7,7 +7,7 @@ Criteo file is, how to turn it into memory-mapped arrays, and how to open them a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from fedrec.utilities import registry
 
@@ -94,4 +94,53 @@ class DLRMPreprocessor:
                 if PREPROCESS_HINT in message:
                     raise DataError(message.replace(PREPROCESS_HINT, hint)) from None
                 raise DataError(f"{message}; {hint}") from None
+        return self._dataset
+
+
+@registry.load("preproc", "movielens")
+class MovieLensPreprocessor:
+    """MovieLens ratings (``model.preproc: {name: movielens, ...}``): see fedrec.data.movielens."""
+
+    def __init__(self, datafile: str = "../shared/data/movielens/ml-latest-small/ratings.csv",
+                 output_file: str = "data/movielens/processed", config_path: Optional[str] = None,
+                 **options: Any) -> None:
+        from fedrec.data.movielens import MovieLensOptions
+
+        self.datafile = datafile
+        self.output_file = output_file
+        self.config_path = config_path
+        self.options = registry.validate_model(MovieLensOptions, options, "model.preproc")
+        self._dataset = None
+
+    @classmethod
+    def from_config(cls, model_config: Dict[str, Any], config_path: Optional[str] = None) -> "MovieLensPreprocessor":
+        section = dict(model_config.get("preproc") or {})
+        section.pop("name", None)
+        return cls(config_path=config_path, **section)
+
+    def preprocess_data(self, progress: bool = True) -> Dict[str, Any]:
+        from fedrec.data.movielens import preprocess_ratings
+
+        return preprocess_ratings(self.datafile, self.output_file, self.options)
+
+    def describe(self, metadata: Dict[str, Any]) -> List[str]:
+        from fedrec.data.movielens import describe_report
+
+        return [f"preprocessed {self.datafile} -> {self.output_file}", *describe_report(metadata)]
+
+    def fl_defaults(self) -> Dict[str, Any]:
+        """Every user is a client: ``fl.num_workers`` defaults to the number of users."""
+        return {"num_workers": self.load().num_users}
+
+    def load(self):
+        if self._dataset is None:
+            from fedrec.data.errors import DataError
+            from fedrec.data.movielens import PREPROCESS_HINT, RatingsDataset
+
+            try:
+                self._dataset = RatingsDataset.open(self.output_file)
+            except DataError as err:
+                hint = (f"run `fedrec preprocess --config {self.config_path or '<your config>'}` "
+                        f"(reads {self.datafile}, writes {Path(self.output_file)})")
+                raise DataError(str(err).replace(PREPROCESS_HINT, hint)) from None
         return self._dataset

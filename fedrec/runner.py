@@ -13,10 +13,27 @@ from fedrec.utilities.config import ConfigError
 log = logging.getLogger("fedrec")
 
 
-def make_preprocessor(config: Dict[str, Any], config_path: Optional[str] = None) -> DLRMPreprocessor:
+def make_preprocessor(config: Dict[str, Any], config_path: Optional[str] = None) -> Any:
+    """The preprocessor named by ``model.preproc.name`` (``dlrm``, Criteo, by default;
+    ``movielens`` for ratings)."""
     if "model" not in config:
         raise ConfigError(f"{config_path or 'config'}: needs a 'model' section with 'preproc'")
-    return DLRMPreprocessor.from_config(config["model"], config_path=config_path)
+    preproc = config["model"].get("preproc") or {}
+    name = preproc.get("name", "dlrm") if isinstance(preproc, Mapping) else "dlrm"
+    cls = DLRMPreprocessor if name == "dlrm" else registry.lookup("preproc", name)
+    return cls.from_config(config["model"], config_path=config_path)
+
+
+def with_data_defaults(config: Dict[str, Any], config_path: Optional[str] = None) -> Dict[str, Any]:
+    """``config`` with the FL keys its data decides when the config leaves them out
+    (MovieLens: ``fl.num_workers`` = the number of users)."""
+    preproc = make_preprocessor(config, config_path)
+    defaults = getattr(preproc, "fl_defaults", None)
+    fl = config.get("fl")
+    if defaults is None or not isinstance(fl, Mapping):
+        return config
+    missing = {k: v for k, v in defaults().items() if fl.get(k) is None}
+    return {**config, "fl": {**fl, **missing}} if missing else config
 
 
 def run_preprocess(config: Dict[str, Any], config_path: Optional[str] = None,
@@ -24,6 +41,10 @@ def run_preprocess(config: Dict[str, Any], config_path: Optional[str] = None,
     """Preprocess ``model.preproc.datafile`` into ``model.preproc.output_file``."""
     preproc = make_preprocessor(config, config_path)
     meta = preproc.preprocess_data(progress=progress)
+    if hasattr(preproc, "describe"):
+        for line in preproc.describe(meta):
+            print(line)
+        return meta
     splits = ", ".join(f"{k} {v:,}" for k, v in meta["splits"].items())
     print(f"preprocessed {meta['lines']:,} lines of {preproc.datafile} -> {preproc.output_file}")
     print(f"  splits: {splits}; tables: {len(meta['table_sizes'])}, "
@@ -141,5 +162,5 @@ def _summary_table(val: Dict[str, float], test: Dict[str, float]) -> str:
 
 
 def _fmt(metrics: Dict[str, float]) -> str:
-    keys = ("roc_auc", "log_loss", "accuracy")
+    keys = ("roc_auc", "log_loss", "accuracy", "hr@10", "ndcg@10", "rmse")
     return "  ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)

@@ -56,7 +56,8 @@ import pyarrow.csv as pacsv
 
 from fedrec.data.errors import DataError
 from fedrec.data.hashing import OccurringValues, renumber_sparse
-from fedrec.data.output import WRITTEN_BY, check_output, clean_leftovers, io_error, replace_problem
+from fedrec.data.output import WRITTEN_BY, check_output, clean_leftovers, io_error, replace_problem  # noqa: F401
+from fedrec.data.output import commit_folder as _commit
 
 log = logging.getLogger(__name__)
 
@@ -296,30 +297,6 @@ def _find_users_file(source: Path, users_file: str | os.PathLike | None) -> Opti
     if source.suffix == ".gz":  # the generator's file, compressed afterwards
         candidates.append(source.with_name(source.stem + ".users.npy"))
     return next((c for c in candidates if c.is_file()), None)
-
-
-def _commit(tmp: Path, final: Path) -> None:
-    """Move the finished folder into place; an earlier dataset is replaced only now.
-
-    What is at ``final`` is checked again: something may have appeared there while the
-    passes ran, and only an earlier processed dataset (or an empty folder) may go.
-    """
-    problem = replace_problem(final)
-    if problem is not None:
-        raise DataError(f"output_file {final} {problem} (it appeared while preprocessing); "
-                        "nothing was changed there. Move it away or choose another output_file")
-    if not final.exists():
-        os.replace(tmp, final)
-        return
-    old = final.parent / f"{final.name}.old-{os.getpid()}"
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(final, old)
-    try:
-        os.replace(tmp, final)
-    except BaseException:
-        os.replace(old, final)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------

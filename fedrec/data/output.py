@@ -25,7 +25,10 @@ log = logging.getLogger(__name__)
 
 WRITTEN_BY = "fedrec preprocess"  # the marker in metadata.json of every processed folder
 SPLIT_FOLDERS = ("train", "val", "test")
-SPLIT_FILES = ("dense.npy", "sparse.npy", "label.npy", "user.npy")
+# Criteo: dense/sparse/label(/user); MovieLens ratings: user/item/label/timestamp
+SPLIT_FILES = ("dense.npy", "sparse.npy", "label.npy", "user.npy", "item.npy", "timestamp.npy")
+#: top-level files beside the splits (MovieLens: the original ids of users and items)
+TOP_FILES = ("user_ids.npy", "item_ids.npy")
 METADATA = "metadata.json"
 
 
@@ -98,6 +101,8 @@ def foreign_entries(folder: Path, need_metadata: bool) -> List[str]:
         elif entry.name == METADATA:
             if not entry.is_file():
                 foreign.append(entry.name)
+        elif entry.name in TOP_FILES and entry.is_file():
+            continue
         elif entry.name in SPLIT_FOLDERS and entry.is_dir():
             foreign += [f"{entry.name}/{f.name}" for f in sorted(entry.iterdir())
                         if f.name not in SPLIT_FILES or f.is_symlink() or not f.is_file()]
@@ -126,6 +131,34 @@ def _suggestion(item: Path) -> Path:
 def _names(entries: List[str], limit: int = 5) -> str:
     shown = ", ".join(entries[:limit])
     return shown + (f" and {len(entries) - limit} more" if len(entries) > limit else "")
+
+
+# --------------------------------------------------------------------------------------
+# the swap into place
+
+
+def commit_folder(tmp: Path, final: Path) -> None:
+    """Move the finished folder into place; an earlier dataset is replaced only now.
+
+    What is at ``final`` is checked again: something may have appeared there while the
+    passes ran, and only an earlier processed dataset (or an empty folder) may go.
+    """
+    problem = replace_problem(final)
+    if problem is not None:
+        raise DataError(f"output_file {final} {problem} (it appeared while preprocessing); "
+                        "nothing was changed there. Move it away or choose another output_file")
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    old = final.parent / f"{final.name}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------

@@ -117,6 +117,9 @@ def _check_metadata(metadata: Any, meta_path: Path) -> None:
     """Refuse metadata from another format version, with missing keys or wrong table sizes."""
     if not isinstance(metadata, dict):
         raise DataError(f"{meta_path}: expected a JSON object; {PREPROCESS_HINT}")
+    if metadata.get("format") == "movielens":
+        raise DataError(f"{meta_path.parent} holds MovieLens ratings, not Criteo-format data: use a "
+                        "recommendation model and trainer (train.name: rec, see configs/movielens_mf_fl.yml)")
     version = metadata.get("format_version")
     if version not in READABLE_VERSIONS:
         raise DataError(f"{meta_path}: format_version {version!r}, but this fedrec reads versions "

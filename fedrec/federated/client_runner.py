@@ -34,6 +34,8 @@ from fedrec.utilities.config import ConfigError
 from fedrec.utilities.random_state import derive_seed
 
 PARTITION_FILE = "partition.npz"
+#: client-state keys of a user's private rows: ``private/<table parameter name>``
+PRIVATE_PREFIX = "private/"
 
 #: FederatedWorker's own constructor arguments: set by the runtime, never from fl.fl_algo
 _RUNTIME_KEYS = ("worker_index", "roles", "in_neighbours", "out_neighbours", "runtime", "round_idx",
@@ -152,15 +154,19 @@ class ClientRunner:
         self.model = trainer.model
         # Live views of the replica's tensors (they share storage with the parameters).
         self.replica: Dict[str, torch.Tensor] = dict(self.model.state_dict())
-        self.table_names = self._embedding_table_names()
+        # user-side parameters (rec models): kept in each client's state, never sent
+        self.private_names: List[str] = list(getattr(self.model, "private_tables", lambda: [])())
+        self.table_names = [n for n in self._embedding_table_names() if n not in self.private_names]
         self.sparse_mode = fl.embedding_updates == "sparse"
-        self.dense_names = [n for n in self.replica if not (self.sparse_mode and n in self.table_names)]
+        self.dense_names = [n for n in self.replica if n not in self.private_names
+                            and not (self.sparse_mode and n in self.table_names)]
         self.sampler = registry.construct("sampler", fl.sampler)
         self.postprocessors = build_chain(fl.postprocessors, fl, self.sampler, sparse=self.sparse_mode,
                                           tables={n: int(self.replica[n].shape[0]) for n in self.table_names
                                                   if n in self.replica},
                                           client_sizes=[int(n) for n in partition.sizes])
         self._check_mode()
+        self._check_private()
         from fedrec.federated.attacks import build_attack
 
         self.attack = build_attack(fl.attack, fl.num_workers, fl.seed)
@@ -180,6 +186,21 @@ class ClientRunner:
         """Where the run's files go (a runner built to check a config has none yet)."""
         self.logdir = Path(logdir)
         self.store = ClientStateStore(self.logdir / STATE_DIR)
+
+    def _check_private(self) -> None:
+        """Private user embeddings need one user per client: the natural split, every user."""
+        if not self.private_names:
+            return
+        users = getattr(self.trainer.dataset, "num_users", None)
+        if self.fl.partitioner.get("name") != "natural" or (users is not None and self.partition.num_clients != users):
+            raise ConfigError(
+                f"every user is one client (its embedding {self.private_names[0]} stays on it), so fl.partitioner "
+                f"must be {{name: natural}} and fl.num_workers the number of users ({users:,}); got partitioner "
+                f"{self.fl.partitioner.get('name')!r} and num_workers {self.fl.num_workers:,} (leave num_workers "
+                "out to get the number of users)")
+        if self.mode == "models":
+            raise ConfigError(f"fl.fl_algo {self.fl.fl_algo.get('name')!r} aggregates whole client models; with "
+                              "private user embeddings use an algorithm that aggregates updates")
 
     def _check_mode(self) -> None:
         name = self.fl.fl_algo.get("name")
@@ -206,8 +227,10 @@ class ClientRunner:
         context: Optional[ClientContext] = worker.context
         if context is not None and weights is context.start:
             self._download(weights, context.touched_rows)
+            if self.private_names:  # the user's own rows come from its state, not the server
+                self._load_private(context)
         else:
-            self.model.load_state_dict(weights)
+            self.model.load_state_dict(weights, strict=not self.private_names)
 
     async def request_models(self, worker: FederatedWorker, ids: Sequence[int]) -> List[Neighbour]:
         context: Optional[ClientContext] = worker.context
@@ -267,10 +290,10 @@ class ClientRunner:
         context = ClientContext(
             round=job.context, client_id=cid, sample_num=int(self.partition.sizes[cid]), model=self.model,
             weights=self.replica, start=job.global_state, dense_names=self.dense_names,
-            touched_rows=self._rows_of(cid) if self.sparse_mode else {}, local_lr=self._local_lr,
-            local_momentum=self._local_momentum, state=state, extra=extra)
+            touched_rows=self._rows_of(cid, job.round_idx) if self.sparse_mode else {}, local_lr=self._local_lr,
+            local_momentum=self._local_momentum, state=state, extra=extra, private_names=self.private_names)
         context.evaluate_loss = functools.partial(self._client_loss, cid)
-        context.rows_of_client = functools.partial(self._rows_of, cid)
+        context.rows_of_client = functools.partial(self._rows_of, cid, job.round_idx)
         return context
 
     def _run_client(self, cid: int, job: RoundJob, result: JobResult) -> Any:
@@ -306,7 +329,7 @@ class ClientRunner:
     def _upload(self, worker: FederatedWorker, context: ClientContext) -> Tuple[Any, int]:
         """The client's upload after its attack (if malicious) and the postprocessors."""
         if self.mode == "models":
-            model = {k: v.detach().clone() for k, v in self.replica.items()}
+            model = {k: v.detach().clone() for k, v in self.replica.items() if k not in self.private_names}
             return model, self._download_bytes(context, with_values=False)
         update = worker.client_update(context)
         if self.attack is not None and self.attack.is_malicious(context.client_id):
@@ -316,11 +339,12 @@ class ClientRunner:
         return update, update.nbytes(value_bytes) + context.extra_bytes_up
 
     def _save_state(self, worker: FederatedWorker, context: ClientContext) -> None:
-        if context.new_state is None and worker.extra == context.extra:
+        if context.new_state is None and worker.extra == context.extra and not self.private_names:
             return
         if self.store is None:
             raise InvalidStateError("client state needs a logdir (the state store lives there)")
-        tensors = context.new_state if context.new_state is not None else context.state
+        tensors = dict(context.new_state if context.new_state is not None else context.state)
+        tensors.update(self._private_state(context))
         self.store.put(context.client_id, context.round.round_idx, tensors, worker.extra,
                        context.round.checkpointed_round)
 
@@ -385,6 +409,44 @@ class ClientRunner:
         with torch.no_grad():
             return float(self.model.loss(torch.from_numpy(np.asarray(probs)), torch.from_numpy(np.asarray(labels))))
 
+    # -- private user embeddings ------------------------------------------------------------
+    def _client_users(self, cid: int) -> torch.Tensor:
+        return torch.from_numpy(self.trainer.client_users(self.partition.indices_of(cid)))
+
+    def _load_private(self, context: ClientContext) -> None:
+        """Put the client's own rows (stored, or their seeded start) into the replica."""
+        users = self._client_users(context.client_id)
+        rows = self.private_rows_from(context.state, users)
+        with torch.no_grad():
+            for name, values in rows.items():
+                self.replica[name].index_copy_(0, users, values.to(self.replica[name].dtype))
+
+    def private_rows_from(self, state: Mapping[str, torch.Tensor], users: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The rows of ``users`` in ``state`` (a client's stored state), else their start."""
+        out = {}
+        for name in self.private_names:
+            stored = state.get(f"{PRIVATE_PREFIX}{name}")
+            out[name] = stored if stored is not None else self.model.initial_rows(name, users, self.seed)
+        return out
+
+    def _private_state(self, context: ClientContext) -> Dict[str, torch.Tensor]:
+        if not self.private_names:
+            return {}
+        users = self._client_users(context.client_id)
+        return {f"{PRIVATE_PREFIX}{name}": self.replica[name].index_select(0, users).detach().clone()
+                for name in self.private_names}
+
+    def private_rows(self, users: np.ndarray, before_round: int) -> Dict[str, torch.Tensor]:
+        """Every user's private rows as stored before round ``before_round`` (their seeded
+        start where never selected): what each client would evaluate with on its device."""
+        out = {name: torch.empty((len(users),) + tuple(self.replica[name].shape[1:]),
+                                 dtype=self.replica[name].dtype) for name in self.private_names}
+        for k, user in enumerate(np.asarray(users).tolist()):
+            state = self.store.get(int(user), before_round)[0] if self.store is not None else {}
+            for name, values in self.private_rows_from(state, torch.tensor([int(user)])).items():
+                out[name][k] = values[0]
+        return out
+
     def _embedding_table_names(self) -> List[str]:
         tables = getattr(self.model, "sparse_tables", None)
         if callable(tables):
@@ -393,12 +455,20 @@ class ClientRunner:
                 if isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag))
                 for name in [f"{name}.weight"]]
 
-    def _rows_of(self, cid: int) -> Dict[str, torch.Tensor]:
-        """Embedding rows client ``cid``'s data touches, per table parameter."""
+    def _rows_of(self, cid: int, round_idx: int = 0) -> Dict[str, torch.Tensor]:
+        """Embedding rows client ``cid``'s data touches, per table parameter (for a rec
+        model: its items and the negatives it draws in round ``round_idx``)."""
+        custom = getattr(self.trainer, "client_touched_rows", None)
+        if custom is not None:
+            return custom(self.partition.indices_of(cid), derive_seed(self.seed, round_idx, cid))
         return self.rows_of_clients([cid])
 
-    def rows_of_clients(self, client_ids: Sequence[int]) -> Dict[str, torch.Tensor]:
+    def rows_of_clients(self, client_ids: Sequence[int], round_idx: int = 0) -> Dict[str, torch.Tensor]:
         """The union of embedding rows these clients' data touch (a process's submodel)."""
+        if getattr(self.trainer, "client_touched_rows", None) is not None:
+            parts_rows = [self._rows_of(int(c), round_idx) for c in client_ids]
+            return {name: torch.unique(torch.cat([p[name] for p in parts_rows])) if parts_rows
+                    else torch.zeros(0, dtype=torch.int64) for name in self.table_names}
         parts = [self.partition.indices_of(c) for c in client_ids]
         indices = np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
         sparse = np.asarray(self.trainer.dataset.split("train").sparse[indices])

@@ -90,6 +90,8 @@ class ClientContext:
     #: keys and shares), added to the client's ``bytes_down`` / ``bytes_up``
     extra_bytes_down: int = 0
     extra_bytes_up: int = 0
+    #: user-side parameters (rec models): in the client's state only, never up- or downloaded
+    private_names: List[str] = dataclasses.field(default_factory=list)
 
     def table_rows(self) -> Dict[str, Tensor]:
         """Embedding rows this client's data touch, per table (dense mode too): the only

@@ -43,8 +43,8 @@ def param_views(context: ClientContext) -> List[ParamView]:
     rows = context.table_rows()
     views = []
     for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
+        if not param.requires_grad or name in context.private_names:
+            continue  # (private user rows have no global value to anchor or correct against)
         views.append(ParamView(name, param, rows.get(name), sparse_of.get(name, False)))
     return views
 

@@ -325,7 +325,7 @@ class MPIBackend(Backend):
 
     def __init__(self, config: Dict[str, Any], logdir: Path, client_sizes: np.ndarray,
                  processes: Optional[int] = None, config_path: Optional[str] = None,
-                 rows_for: Optional[Callable[[List[int]], Dict[str, torch.Tensor]]] = None) -> None:
+                 rows_for: Optional[Callable[[List[int], int], Dict[str, torch.Tensor]]] = None) -> None:
         require_mpi4py()
         from mpi4py import MPI
         from mpi4py.futures import MPIPoolExecutor
@@ -369,7 +369,7 @@ class MPIBackend(Backend):
                   ) -> List[JobResult]:
         round_idx = context.round_idx
         groups = [g for g in assign_blocks(blocks, self.sizes, self.processes) if g]
-        weights = self._weights_for(groups, global_state, context.server_values)
+        weights = self._weights_for(groups, global_state, context.server_values, context.round_idx)
         futures = []
         for index, group in enumerate(groups):
             # the tensors travel in the packed weights, not in the task
@@ -398,7 +398,7 @@ class MPIBackend(Backend):
         return results
 
     def _weights_for(self, groups: List[List[Block]], global_state: Dict[str, Any],
-                     server_values: Dict[str, Any]) -> List[Packed]:
+                     server_values: Dict[str, Any], round_idx: int = 0) -> List[Packed]:
         """What each process downloads with the round's server values: the whole model,
         packed once per round, or in sparse mode a submodel with the MLPs and only the
         rows its clients use (table-shaped server values cut the same way)."""
@@ -408,7 +408,7 @@ class MPIBackend(Backend):
 
         packed = []
         for group in groups:
-            rows = self.rows_for([c for _, ids in group for c in ids])
+            rows = self.rows_for([c for _, ids in group for c in ids], round_idx)
             packed.append(pack((submodel(global_state, rows), submodel(server_values, rows))))
         return packed
 

@@ -13,6 +13,9 @@ from fedrec.federated.simulation import PARTITION_FILE, Simulation
 def format_round(row: Dict[str, Any]) -> str:
     auc = row.get("roc_auc")
     auc_text = f"auc {auc:.4f}  log_loss {row['log_loss']:.4f}" if auc is not None and not math.isnan(auc) else "auc -"
+    if "hr@10" in row:  # a rec model: ranking metrics (and RMSE for ratings)
+        auc_text = f"hr@10 {row['hr@10']:.4f}  ndcg@10 {row['ndcg@10']:.4f}" + (
+            f"  rmse {row['rmse']:.4f}" if "rmse" in row else "")
     eps_text = f"  epsilon {row['epsilon']:.3g}" if "epsilon" in row else ""
     clock_text = f"  device time {row['virtual_time']:,.0f}s" if "virtual_time" in row else ""
     return (f"round {row['round']:3d}: {auc_text}  clients {row['clients']}  samples {row['samples']:,}  "
@@ -26,7 +29,7 @@ def summary_table(history: List[Dict[str, Any]], totals: Dict[str, Any]) -> str:
     from fedrec.utilities.console import format_table
 
     rows = []
-    for key in ("roc_auc", "log_loss", "accuracy", "train_loss", "epsilon"):
+    for key in ("roc_auc", "log_loss", "accuracy", "hr@10", "ndcg@10", "rmse", "train_loss", "epsilon"):
         points = [(r["round"], r[key]) for r in history
                   if isinstance(r.get(key), (int, float)) and not math.isnan(r[key])]
         if not points:
@@ -75,6 +78,9 @@ def run_simulation(config: Dict[str, Any], logdir: str | Path, resume: bool = Fa
     logdir = Path(logdir)
     started = time.perf_counter()
     _check_backend(config)
+    from fedrec.runner import with_data_defaults
+
+    config = with_data_defaults(config, config_path)  # e.g. one client per MovieLens user
     runner = build_client_runner(config, None, config_path, new_partition=True)  # checks; writes nothing
     clock = check_simulation(runner)
     fingerprint = simulation_fingerprint(config, runner.trainer.dataset, runner.postprocessors,

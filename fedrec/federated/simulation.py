@@ -159,8 +159,10 @@ class Simulation:
         for line in filter(None, (p.describe() for p in self.postprocessors)):
             self.logger.info(line)
         self.final_round = final_round(self.runner)
+        # the global model: everything but the users' private rows (they stay on clients)
+        private = set(self.runner.private_names)
         self.global_state: Dict[str, torch.Tensor] = {
-            k: v.detach().clone() for k, v in trainer.model.state_dict().items()
+            k: v.detach().clone() for k, v in trainer.model.state_dict().items() if k not in private
         }
         self.aggregator = build_aggregator(self.runner, self, str(self.logdir / "aggregator"))
         if self.fedbuff is not None:
@@ -253,12 +255,27 @@ class Simulation:
 
     # -- rounds ---------------------------------------------------------------------------
     def evaluate(self) -> Dict[str, float]:
-        """Metrics of the global model on the validation split."""
+        """Metrics of the global model on the validation split (a rec model: per user,
+        with each user's own private rows, as each client would evaluate on its device)."""
         from fedrec.utilities.metrics import compute_metrics
+
+        if hasattr(self.trainer, "evaluate_federated"):
+            return self._evaluate_per_user()
 
         self.trainer.model.load_state_dict(self.global_state)
         labels, probs = self.trainer.predict(self.trainer.dataloaders["val"], self.fl.num_eval_batches)
         return compute_metrics(labels, probs)
+
+    def _evaluate_per_user(self) -> Dict[str, float]:
+        before = self.round_idx + 1  # the private rows as stored after this round
+        metrics, per_user = self.trainer.evaluate_federated(
+            self.global_state, lambda users: self.runner.private_rows(users, before))
+        if len(per_user["user"]) <= self.trainer.train_config.client_records_max_users:
+            keys = [k for k in per_user if k != "user"]
+            for k, user in enumerate(per_user["user"].tolist()):  # one record per client
+                self.logger.log_metrics("client", before, {key: float(per_user[key][k]) for key in keys},
+                                        round=before, client=int(user))
+        return metrics
 
     def run_round(self) -> Dict[str, Any]:
         start = time.perf_counter()

@@ -4,7 +4,7 @@
 Importing this package registers those components.
 """
 
-from fedrec.modules import embeddings, interaction, losses, mlp  # noqa: F401  (registrations)
+from fedrec.modules import embeddings, interaction, losses, mlp, recsys  # noqa: F401  (registrations)
 from fedrec.modules.dlrm import DenseArch, DLRM_Net, OverArch, SparseArch
 from fedrec.modules.embeddings import (
     EmbeddingTable,

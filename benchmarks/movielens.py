@@ -1,0 +1,185 @@
+"""MovieLens quality table and the 100,000-user scale figures (README: "MovieLens: every user a client").
+
+    python benchmarks/movielens.py                         # the table on ml-latest-small
+    python benchmarks/movielens.py --scale_users 100000    # synthetic users: memory and seconds per round
+
+Table: centralized biased MF and NeuMF, and federated (every user a client, 50 users per
+round) with FedAvg and FedAdam, leave-one-out test HR@10 / NDCG@10 against 99 sampled
+negatives, and RMSE of explicit-feedback MF (mse). Each row is one JSON line; the markdown
+table follows at the end (on stderr, so that stdout stays JSON lines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+from _common import ROOT, emit, peak_rss_mib
+
+ML_SMALL = ROOT.parent / "shared" / "data" / "movielens" / "ml-latest-small" / "ratings.csv"
+
+
+def base_config(name: str, datafile: Path, workdir: Path, explicit: bool) -> Dict[str, Any]:
+    from fedrec.utilities.config import load_config
+
+    config = load_config(ROOT / "configs" / name)
+    feedback = "explicit" if explicit else "implicit"
+    config["model"]["preproc"].update({"datafile": str(datafile), "feedback": feedback,
+                                       "output_file": str(workdir / f"processed-{feedback}")})
+    config["train"]["config"]["progress_bar"] = False
+    config["fl"]["progress_bar"] = False
+    if explicit:
+        # picked by hand from a few (lr, l2) pairs on ml-latest-small (not a validated tuning)
+        config["model"].update({"loss_function": "mse", "init_std": 0.1, "l2": 0.1})
+        config["train"]["optimizer"] = {"name": "split", "sparse": {"name": "sparse_adam", "lr": 0.01},
+                                        "dense": {"name": "adam", "lr": 0.01}}
+    return config
+
+
+def preprocess(config: Dict[str, Any]) -> None:
+    from fedrec.runner import run_preprocess
+
+    if not Path(config["model"]["preproc"]["output_file"]).exists():
+        run_preprocess(config, progress=False)
+
+
+def centralized(label: str, config: Dict[str, Any], logdir: Path) -> Dict[str, Any]:
+    import contextlib
+    import io
+
+    from fedrec.runner import run_train
+
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = run_train(config, logdir)
+    return {"setting": label, "seconds": time.perf_counter() - start,
+            **{k[5:]: v for k, v in result.items() if k.startswith("test_")}}
+
+
+def federated(label: str, config: Dict[str, Any], logdir: Path) -> Dict[str, Any]:
+    from fedrec.federated.simulation import Simulation
+    from fedrec.runner import with_data_defaults
+
+    start = time.perf_counter()
+    sim = Simulation(with_data_defaults(config), logdir)
+    history = sim.run()
+    metrics, _ = sim.trainer.evaluate_federated(sim.global_state,
+                                                lambda users: sim.runner.private_rows(users, sim.round_idx),
+                                                phase="test")
+    sim.close()
+    rounds = len(history)
+    return {"setting": label, "seconds": time.perf_counter() - start, "rounds": rounds,
+            "seconds_per_round": sum(r["round_seconds"] for r in history) / max(rounds, 1),
+            "mb_up_per_round": sum(r["bytes_up"] for r in history) / 1e6 / max(rounds, 1), **metrics}
+
+
+def table(args: argparse.Namespace) -> None:
+    workdir = Path(args.workdir)
+    datafile = Path(args.data)
+    if not datafile.is_file():
+        sys.exit(f"{datafile} is missing: get ml-latest-small from grouplens.org (see its README.txt for the terms)")
+    rows: List[Dict[str, Any]] = []
+    fl = {"num_rounds": args.rounds, "client_num_per_round": 50, "eval_every_n_rounds": args.rounds,
+          "local_epochs": args.local_epochs}
+    runs = [
+        ("centralized MF", "movielens_mf_fl.yml", False, None),
+        ("centralized NeuMF", "movielens_ncf_fl.yml", False, None),
+        ("FedAvg MF", "movielens_mf_fl.yml", False, {"name": "fed_avg"}),
+        ("FedAdam MF", "movielens_mf_fl.yml", False, {"name": "fed_adam", "server_lr": args.server_lr}),
+        ("FedAvg NeuMF", "movielens_ncf_fl.yml", False, {"name": "fed_avg"}),
+        ("FedAdam NeuMF", "movielens_ncf_fl.yml", False, {"name": "fed_adam", "server_lr": args.server_lr}),
+        ("centralized MF, explicit (mse)", "movielens_mf_fl.yml", True, None),
+        ("FedAvg MF, explicit (mse)", "movielens_mf_fl.yml", True, {"name": "fed_avg"}),
+    ]
+    for label, name, explicit, algo in runs:
+        if args.only and not any(o.lower() in label.lower() for o in args.only):
+            continue
+        config = base_config(name, datafile, workdir, explicit)
+        config["train"]["config"]["num_epochs"] = args.epochs
+        config["fl"].update(fl)
+        preprocess(config)
+        logdir = workdir / label.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
+        if algo is None:
+            row = centralized(label, config, logdir)
+        else:
+            config["fl"]["fl_algo"] = algo
+            if explicit:
+                config["fl"]["local_lr"] = args.explicit_local_lr
+            row = federated(label, config, logdir)
+        emit(**row, peak_rss_mib=peak_rss_mib())
+        rows.append(row)
+    lines = ["| setting | HR@10 | NDCG@10 | RMSE | seconds |", "|---|---:|---:|---:|---:|"]
+    for row in rows:
+        rmse = f"{row['rmse']:.3f}" if "rmse" in row else "-"
+        lines.append(f"| {row['setting']} | {row['hr@10']:.3f} | {row['ndcg@10']:.3f} | {rmse} | {row['seconds']:.0f} |")
+    print("\n".join(lines), file=sys.stderr)
+
+
+def scale(args: argparse.Namespace) -> None:
+    """Synthetic users with 64-dimensional private embeddings: peak RSS and seconds per round."""
+    from fedrec.data.synthetic_ratings import synthesize_ratings
+
+    workdir = Path(args.workdir) / f"scale-{args.scale_users}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    datafile = workdir / "ratings.csv"
+    start = time.perf_counter()
+    if not datafile.exists():
+        meta = synthesize_ratings(datafile, num_users=args.scale_users, num_items=3000, mean_per_user=20,
+                                  dim=16, seed=0)
+    else:
+        import json
+
+        meta = json.loads(Path(f"{datafile}.meta.json").read_text())
+    synth_s = time.perf_counter() - start
+    config = base_config("movielens_mf_fl.yml", datafile, workdir, explicit=False)
+    config["model"]["embedding_dim"] = 64
+    config["train"]["config"]["eval_batch_size"] = 50000
+    config["fl"].update({"num_rounds": args.rounds, "client_num_per_round": 50, "local_epochs": 1,
+                         "eval_every_n_rounds": 10 ** 6, "checkpoint_every_n_rounds": 10 ** 6})
+    start = time.perf_counter()
+    preprocess(config)
+    pre_s = time.perf_counter() - start
+    rss_before = peak_rss_mib()
+    from fedrec.federated.simulation import Simulation
+    from fedrec.runner import with_data_defaults
+
+    start = time.perf_counter()
+    sim = Simulation(with_data_defaults(config), workdir / "run")
+    setup_s = time.perf_counter() - start
+    history = sim.run()
+    rounds_s = [r["round_seconds"] for r in history]
+    start = time.perf_counter()
+    metrics = sim.evaluate()
+    eval_s = time.perf_counter() - start
+    sim.close()
+    emit(bench="movielens_scale", users=args.scale_users, embedding_dim=64, rows=meta["rows"],
+         private_embedding_mb=args.scale_users * 64 * 4 / 1e6, synth_seconds=synth_s, preprocess_seconds=pre_s,
+         setup_seconds=setup_s, seconds_per_round=sum(rounds_s) / len(rounds_s), rounds=len(rounds_s),
+         eval_seconds=eval_s, peak_rss_mib_before_sim=rss_before, peak_rss_mib=peak_rss_mib(),
+         oracle_hr10=meta["oracle_hr@10"], hr10=metrics.get("hr@10"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(ML_SMALL))
+    parser.add_argument("--workdir", default="runs/bench_movielens")
+    parser.add_argument("--epochs", type=int, default=5, help="centralized epochs")
+    parser.add_argument("--rounds", type=int, default=60, help="federated rounds (50 users each)")
+    parser.add_argument("--local_epochs", type=int, default=5)
+    parser.add_argument("--server_lr", type=float, default=0.05, help="FedAdam's server learning rate")
+    parser.add_argument("--explicit_local_lr", type=float, default=0.05)
+    parser.add_argument("--only", nargs="*", help="run only the settings whose label contains one of these")
+    parser.add_argument("--scale_users", type=int, help="instead of the table: this many synthetic users")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    (scale if args.scale_users else table)(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,378 @@
+"""MovieLens: preprocessing with counted drops, the leave-one-out split, ranking metrics,
+sampled negatives, private user embeddings (never uploaded, persisted, resumed exactly)
+and a short federated run on ml-latest-small (skipped where the data are absent)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict
+
+import numpy as np
+import pytest
+import torch
+
+from fedrec.data.errors import DataError
+from fedrec.data.movielens import MovieLensOptions, RatingsDataset, preprocess_ratings
+from fedrec.utilities.checkpoint import CheckpointManager
+from fedrec.utilities.config import ConfigError, load_config
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+ML_SMALL = PROJECT_ROOT.parent / "shared" / "data" / "movielens" / "ml-latest-small"
+
+# A hand-written ratings file: user 1 has 5 ratings (one out of scale, one duplicated),
+# user 2 has 3 (one bad line among them), user 3 only 2 (too few for leave-one-out),
+# user 7 has 3 with a timestamp tie (broken by line order).
+RATINGS = """userId,movieId,rating,timestamp
+1,10,4.0,100
+1,20,3.0,105
+1,30,5.0,101
+1,40,9.0,102
+1,20,3.0,105
+1,50,2.5,103
+2,10,1.0,200
+2,oops,4.0,201
+2,30,4.5,202
+2,60,3.5,199
+3,10,4.0,300
+3,20,2.0,301
+7,60,4.0,50
+7,10,4.0,50
+7,20,0.5,40
+"""
+
+
+def _write(tmp_path: Path, text: str = RATINGS, name: str = "ratings.csv") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _preprocess(tmp_path: Path, **options: Any) -> Dict[str, Any]:
+    options.setdefault("skip_bad_lines", True)
+    return preprocess_ratings(_write(tmp_path), tmp_path / "out", MovieLensOptions(**options))
+
+
+# -- data ----------------------------------------------------------------------------------
+
+
+def test_drops_are_counted_and_reported(tmp_path, capsys):
+    from fedrec.runner import run_preprocess
+
+    config = {"model": {"preproc": {"name": "movielens", "datafile": str(_write(tmp_path)),
+                                    "output_file": str(tmp_path / "out"), "skip_bad_lines": True}}}
+    meta = run_preprocess(config)
+    report = meta["report"]
+    assert report["bad_lines"] == 1 and report["out_of_scale"] == 1 and report["duplicates"] == 1
+    assert report["users_too_few"] == 1 and report["interactions_of_users_too_few"] == 2
+    assert report["ratings_read"] == 13  # 15 lines less the bad one and the out-of-scale one
+    assert "line 6 repeats line 3" in report["examples"]["duplicates"]
+    assert "line 9" in report["examples"]["bad_lines"]
+    out = capsys.readouterr().out
+    assert "ratings outside the scale 1" in out and "duplicate (user, item, timestamp) rows 1" in out
+    assert "users with too few interactions 1" in out and "bad lines skipped 1" in out
+
+
+def test_bad_line_error_names_file_and_line(tmp_path):
+    with pytest.raises(DataError) as err:
+        _preprocess(tmp_path, skip_bad_lines=False)
+    message = str(err.value)
+    assert "ratings.csv, line 9:" in message and "'oops'" in message and "skip_bad_lines" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("1,10,4.0,1\n1,20,9.5,2\n1,30,3.0,3\n", "line 2: rating 9.5 is outside rating_scale [0.5, 5]"),
+    ("1,10,4.0,1\n1,10,4.0,1\n1,30,3.0,3\n", "line 2 repeats line 1"),
+    ("1,10,4.0,1\n1,20,4.0,2\n", "user 1 has 2 interaction(s)"),
+])
+def test_invalid_error_mode_names_where(tmp_path, text, expected):
+    path = _write(tmp_path, text, "r.csv")
+    with pytest.raises(DataError, match=None) as err:
+        preprocess_ratings(path, tmp_path / "out", MovieLensOptions(invalid="error"))
+    assert expected in str(err.value) and str(path) in str(err.value)
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_leave_one_out_split_by_hand(tmp_path):
+    meta = _preprocess(tmp_path, feedback="explicit")
+    data = RatingsDataset.open(tmp_path / "out")
+    # users 1, 2, 7 -> 0, 1, 2; items 10, 20, 30, 50, 60 -> 0..4 (40 was out of scale)
+    assert np.load(tmp_path / "out" / "user_ids.npy").tolist() == [1, 2, 7]
+    assert np.load(tmp_path / "out" / "item_ids.npy").tolist() == [10, 20, 30, 50, 60]
+    assert (meta["num_users"], meta["num_items"]) == (3, 5)
+    got = {name: list(zip(data.split(name).user.tolist(), data.split(name).item.tolist(),
+                          data.split(name).label.tolist())) for name in ("train", "val", "test")}
+    # user 1 by time: 10@100, 30@101, 50@103, 20@105 -> test 20, val 50
+    # user 2: 60@199, 10@200, 30@202 -> test 30, val 10
+    # user 7: 20@40, 60@50 (line 14), 10@50 (line 15: the later line) -> test 10, val 60
+    assert got["train"] == [(0, 0, 4.0), (0, 2, 5.0), (1, 4, 3.5), (2, 1, 0.5)]
+    assert got["val"] == [(0, 3, 2.5), (1, 0, 1.0), (2, 4, 4.0)]
+    assert got["test"] == [(0, 1, 3.0), (1, 2, 4.5), (2, 0, 4.0)]
+    assert meta["splits"] == {"train": 4, "val": 3, "test": 3}
+
+
+def test_implicit_threshold_and_dat_format(tmp_path):
+    text = "".join(f"{u}::{i}::{r}::{t}\n" for u, i, r, t in
+                   [(5, 1, 5, 1), (5, 2, 1, 2), (5, 3, 4, 3), (5, 4, 4, 4), (6, 1, 4, 1), (6, 2, 4, 2), (6, 3, 5, 3)])
+    path = _write(tmp_path, text, "ratings.dat")
+    meta = preprocess_ratings(path, tmp_path / "out", MovieLensOptions(threshold=4.0, rating_scale=(1, 5)))
+    assert meta["report"]["below_threshold"] == 1 and meta["splits"] == {"train": 2, "val": 2, "test": 2}
+    data = RatingsDataset.open(tmp_path / "out")
+    assert data.split("train").label.tolist() == [1.0, 1.0]  # implicit: every kept rating is 1
+
+
+def test_output_refuses_foreign_folder(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="not a processed dataset"):
+        _preprocess(tmp_path)
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+
+def test_synthetic_ratings_preprocess(tmp_path):
+    from fedrec.data.synthetic_ratings import synthesize_ratings
+
+    meta = synthesize_ratings(tmp_path / "s.csv", num_users=50, num_items=200, mean_per_user=8, seed=3)
+    assert 0.0 < meta["oracle_hr@10"] <= 1.0 and json.loads((tmp_path / "s.csv.meta.json").read_text()) == meta
+    out = preprocess_ratings(tmp_path / "s.csv", tmp_path / "out", MovieLensOptions(invalid="error"))
+    assert out["num_users"] == 50 and sum(out["splits"].values()) == meta["rows"]
+
+
+# -- metrics and negatives -------------------------------------------------------------------
+
+
+def test_hr_ndcg_match_an_independent_computation():
+    from fedrec.utilities.ranking import hit_and_ndcg, ranks
+
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(200, 100)).round(1)  # rounded: ties happen
+    scores[0] = 0.0  # all tied: the held-out item counts as last
+    hit, ndcg = hit_and_ndcg(ranks(scores), k=10)
+    for row, h, g in zip(scores, hit, ndcg):
+        # independent: position of item 0 in a descending sort that puts it after its ties
+        order = sorted(range(100), key=lambda j: (-row[j], j == 0))
+        position = order.index(0)
+        assert h == (position < 10)
+        assert g == pytest.approx(1 / math.log2(position + 2) if position < 10 else 0.0)
+    assert hit[0] == 0.0
+
+
+def test_negatives_exclude_rated_items_and_are_seeded():
+    from fedrec.data.negatives import RatedItems
+
+    rng = np.random.default_rng(1)
+    users = rng.integers(0, 30, size=600)
+    items = rng.integers(0, 40, size=600)
+    rated = RatedItems([users], [items], 40)
+    draw = rated.sample(np.arange(30), 50, np.random.default_rng(7))
+    seen = set(zip(users.tolist(), items.tolist()))
+    assert not any((u, i) in seen for u in range(30) for i in draw[u].tolist())
+    assert np.array_equal(draw, rated.sample(np.arange(30), 50, np.random.default_rng(7)))
+    distinct = rated.sample_distinct(np.arange(30), 10, np.random.default_rng(2))
+    assert all(len(set(row)) == 10 for row in distinct.tolist())
+
+
+# -- federated -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synthetic_config(tmp_path_factory) -> Dict[str, Any]:
+    from fedrec.data.synthetic_ratings import synthesize_ratings
+    from fedrec.runner import run_preprocess
+
+    root = tmp_path_factory.mktemp("ratings")
+    synthesize_ratings(root / "ratings.csv", num_users=30, num_items=150, mean_per_user=10, seed=5)
+    config = load_config(PROJECT_ROOT / "configs" / "movielens_mf_fl.yml")
+    config["model"]["embedding_dim"] = 8
+    config["model"]["preproc"].update({"datafile": str(root / "ratings.csv"), "output_file": str(root / "out")})
+    config["train"]["config"].update({"progress_bar": False, "num_epochs": 1, "eval_batch_size": 1000,
+                                      "eval_negatives": 49})
+    config["fl"].update({"num_rounds": 3, "client_num_per_round": 6, "local_epochs": 1, "progress_bar": False,
+                         "eval_every_n_rounds": 1, "local_batch_size": 8})
+    run_preprocess(config, progress=False)
+    return config
+
+
+def _sim(config: Dict[str, Any], logdir: Path):
+    from fedrec.federated.simulation import Simulation
+    from fedrec.runner import with_data_defaults
+
+    return Simulation(with_data_defaults(config), logdir)
+
+
+def test_private_embeddings_never_uploaded(synthetic_config, tmp_path):
+    from fedrec.federated.client_runner import RoundJob
+    from fedrec.federated.context import RoundContext
+    from fedrec.federated.update import RowSubset
+
+    sim = _sim(copy.deepcopy(synthetic_config), tmp_path)
+    assert sim.fl.num_workers == 30  # left out of the config: one client per user
+    runner = sim.runner
+    private = set(runner.private_names)
+    assert private == {"user_embedding.weight", "user_bias.weight"}
+    assert not private & set(sim.global_state)  # the global model has no user rows at all
+    job = RoundJob(RoundContext(0, sim.seed), [(0, [3, 11])], sim.global_state)
+    result = runner.run_job(job)
+    update = result.block_updates[0][1]
+    sent = set(update.dense) | set(update.rows)
+    assert sent == {"global_bias", "item_embedding.weight", "item_bias.weight"}
+    value_bytes = runner.fl.value_bytes
+    for stat in result.stats:
+        rows = runner._rows_of(stat.client_id, 0)
+        expected = 4 + sum(len(ids) * (8 + (8 if name.startswith("item_embedding") else 1) * value_bytes)
+                           for name, ids in rows.items())
+        assert stat.bytes_up == expected == stat.bytes_down  # item rows and the global bias: nothing else
+    # the item rows sent are the client's items plus its negatives, and only those
+    client_rows = runner.partition.indices_of(3)
+    items = set(np.asarray(runner.trainer.dataset.split("train").item[client_rows]).tolist())
+    touched = set(runner._rows_of(3, 0)["item_embedding.weight"].tolist())
+    assert items <= touched and len(touched) < runner.trainer.dataset.num_items
+    # negatives are drawn from (seed, round, client): the same again, other ones next round
+    assert torch.equal(runner._rows_of(3, 0)["item_embedding.weight"], runner._rows_of(3, 0)["item_embedding.weight"])
+    assert not torch.equal(runner._rows_of(3, 0)["item_embedding.weight"], runner._rows_of(3, 1)["item_embedding.weight"])
+    negatives = runner.trainer.client_loader(client_rows, 8, seed=123).negatives()
+    user = int(runner.trainer.dataset.split("train").user[client_rows[0]])
+    assert not runner.trainer.rated.contains(np.full(negatives.size, user), negatives.reshape(-1)).any()
+    # the user's row is in its own state, and the global model a client starts from has none
+    state, _ = runner.store.get(3, 1)
+    assert state["private/user_embedding.weight"].shape == (1, 8)
+    assert not any(isinstance(v, RowSubset) for v in sim.global_state.values())
+    sim.save_checkpoint()
+    saved = CheckpointManager.load(next((tmp_path / "checkpoints").glob("*.pt")))
+    assert not any("user" in name for name in saved["global"])
+    sim.close()
+
+
+def _all_private(sim) -> Dict[str, torch.Tensor]:
+    users = np.arange(sim.trainer.dataset.num_users)
+    return sim.runner.private_rows(users, sim.round_idx + 1)
+
+
+def test_private_embeddings_persist_and_resume_exactly(synthetic_config, tmp_path):
+    from fedrec.federated.run import run_simulation
+
+    config = copy.deepcopy(synthetic_config)
+    config["fl"]["num_rounds"] = 4
+    run_simulation(config, tmp_path / "whole", print_rounds=False)
+    config["fl"]["num_rounds"] = 2
+    run_simulation(config, tmp_path / "split", print_rounds=False)
+    config["fl"]["num_rounds"] = 4
+    run_simulation(config, tmp_path / "split", resume=True, print_rounds=False)
+
+    whole, split = _sim(config, tmp_path / "w2"), _sim(config, tmp_path / "s2")
+    whole.runner.attach_logdir(tmp_path / "whole")
+    split.runner.attach_logdir(tmp_path / "split")
+    whole.round_idx = split.round_idx = 4
+    a, b = _all_private(whole), _all_private(split)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # users selected at some point moved away from their seeded start; the rest kept it
+    start = whole.runner.private_rows_from({}, torch.arange(len(a["user_embedding.weight"])))
+    moved = (a["user_embedding.weight"] != start["user_embedding.weight"]).any(dim=1)
+    assert 0 < int(moved.sum()) < len(moved)
+    metrics = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    metrics_split = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    last = [m for m in metrics if m["phase"] == "fl"][-1]
+    last_split = [m for m in metrics_split if m["phase"] == "fl"][-1]
+    assert last["hr@10"] == last_split["hr@10"] and last["train_loss"] == last_split["train_loss"]
+    clients = [m for m in metrics if m["phase"] == "client" and m["round"] == 4]
+    assert len(clients) == 30 and {"hr@10", "ndcg@10", "client"} <= set(clients[0])
+    ckpt = CheckpointManager(tmp_path / "split" / "checkpoints").load_newest_intact().state
+    final = CheckpointManager(tmp_path / "whole" / "checkpoints").load_newest_intact().state
+    assert ckpt["round"] == final["round"] == 4
+    for name, tensor in final["global"].items():
+        assert torch.equal(tensor, ckpt["global"][name]), name
+    whole.close()
+    split.close()
+
+
+def test_config_errors_are_one_line(synthetic_config, tmp_path, capsys):
+    from fedrec.cli import main
+
+    config_path = tmp_path / "c.yml"
+    import yaml
+
+    def run(change: Dict[str, Any], command: str = "simulate") -> str:
+        config = copy.deepcopy(synthetic_config)
+        for dotted, value in change.items():
+            node = config
+            *parents, key = dotted.split(".")
+            for p in parents:
+                node = node[p]
+            node[key] = value
+        config_path.write_text(yaml.safe_dump(config))
+        status = main([command, "--config", str(config_path), "--logdir", str(tmp_path / "run")])
+        err = capsys.readouterr().err.strip()
+        assert status == 2 and "\n" not in err, err
+        return err
+
+    assert "fl.num_workers the number of users (30)" in run({"fl.num_workers": 12})
+    assert "must be {name: natural}" in run({"fl.partitioner": {"name": "iid"}, "fl.num_workers": 30})
+    assert "mse fits ratings" in run({"model.loss_function": "mse"}, "train")
+    assert "unknown key 'feedbak'" in run({"model.preproc.feedbak": "implicit"}, "train")
+    assert "embedding_dim" in run({"model.embedding_dim": "wide"}, "train")
+    assert "lower eval_negatives" in run({"train.config.eval_negatives": 99}, "train")
+
+
+@pytest.mark.parametrize("algo", [{"name": "scaffold"}, {"name": "fed_prox", "mu": 0.1}])
+def test_stateful_algorithms_keep_private_rows_beside_their_state(synthetic_config, tmp_path, algo):
+    from fedrec.federated.run import run_simulation
+
+    config = copy.deepcopy(synthetic_config)
+    config["fl"].update({"fl_algo": algo, "num_rounds": 2})
+    history = run_simulation(config, tmp_path, print_rounds=False)
+    assert math.isfinite(history[-1]["hr@10"])
+    files = sorted((tmp_path / "client_state").rglob("r*.safetensors"))
+    from safetensors import safe_open
+
+    with safe_open(str(files[0]), framework="pt") as handle:
+        keys = set(handle.keys())
+    assert "private/user_embedding.weight" in keys
+    if algo["name"] == "scaffold":  # its control variates cover the item rows, never the user's
+        assert any(k.startswith("item_embedding") for k in keys) and not any(
+            k.startswith("user_") for k in keys)
+
+
+def test_synth_ratings_cli(tmp_path, capsys):
+    from fedrec.cli import main
+
+    assert main(["synth-ratings", "--users", "20", "--items", "150", "--out", str(tmp_path / "r.csv")]) == 0
+    assert "oracle sampled HR@10" in capsys.readouterr().out
+    assert main(["synth-ratings", "--users", "20", "--items", "50", "--out", str(tmp_path / "r.csv")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "num_items must be >= 110" in err and "\n" not in err
+
+
+def test_centralized_train_and_mse_rmse(synthetic_config, tmp_path):
+    from fedrec.runner import run_preprocess, run_train
+
+    config = copy.deepcopy(synthetic_config)
+    result = run_train(config, tmp_path / "bce")
+    assert 0.0 <= result["test_hr@10"] <= 1.0 and "test_rmse" not in result
+    config["model"].update({"loss_function": "mse", "name": "neumf", "variant": "gmf"})
+    del config["model"]["embedding_dim"]
+    config["model"]["preproc"].update({"feedback": "explicit", "output_file": str(tmp_path / "explicit")})
+    run_preprocess(config, progress=False)
+    result = run_train(config, tmp_path / "mse")
+    assert 0.0 < result["test_rmse"] < 5.0
+
+
+@pytest.mark.skipif(not (ML_SMALL / "ratings.csv").is_file(),
+                    reason=f"MovieLens ml-latest-small is not at {ML_SMALL} (see its README.txt for the terms)")
+def test_federated_run_on_ml_latest_small_improves_hr(tmp_path):
+    from fedrec.runner import run_preprocess
+
+    config = load_config(PROJECT_ROOT / "configs" / "movielens_mf_fl.yml")
+    config["model"]["preproc"].update({"datafile": str(ML_SMALL / "ratings.csv"), "output_file": str(tmp_path / "ml")})
+    config["train"]["config"]["progress_bar"] = False
+    config["fl"].update({"num_rounds": 6, "progress_bar": False, "eval_every_n_rounds": 6})
+    run_preprocess(config, progress=False)
+    sim = _sim(config, tmp_path / "run")
+    assert sim.fl.num_workers == 610  # one client per user, by default
+    initial = sim.evaluate()["hr@10"]
+    history = sim.run()
+    sim.close()
+    assert history[-1]["hr@10"] > initial + 0.05, (initial, history[-1]["hr@10"])
