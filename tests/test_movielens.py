@@ -160,6 +160,45 @@ def test_hr_ndcg_match_an_independent_computation():
     assert hit[0] == 0.0
 
 
+def test_full_ranks_match_a_brute_force_count():
+    from fedrec.utilities.ranking import full_ranks, rated_mask
+
+    rng = np.random.default_rng(3)
+    num_users, num_items = 12, 30
+    pairs = {(int(u), int(i)) for u, i in zip(rng.integers(0, num_users, 80), rng.integers(0, num_items, 80))}
+    keys = np.unique(np.array([u * num_items + i for u, i in pairs], np.int64))
+    users = np.array([0, 3, 3, 7, 11, 5], np.int64)
+    held = np.array([2, 9, 0, 29, 4, 4], np.int64)
+    scores = rng.normal(size=(len(users), num_items)).round(1)  # ties happen
+    mask = rated_mask(keys, users, num_items)
+    assert mask.tolist() == [[(int(u), i) in pairs for i in range(num_items)] for u in users]
+    got = full_ranks(torch.from_numpy(scores), torch.from_numpy(held), mask).tolist()
+    for b, (u, h) in enumerate(zip(users.tolist(), held.tolist())):
+        others = [i for i in range(num_items) if i != h and (u, i) not in pairs]
+        assert got[b] == sum(scores[b, i] >= scores[b, h] for i in others), b
+
+
+def test_full_ranking_metrics_of_the_trainer_by_brute_force(synthetic_config, tmp_path):
+    from fedrec.runner import build_trainer
+
+    trainer = build_trainer(copy.deepcopy(synthetic_config), tmp_path)
+    trainer.train()
+    metrics = trainer.evaluate("test", log=False)
+    split, num_items = trainer.dataset.split("test"), trainer.dataset.num_items
+    train = trainer.dataset.split("train")
+    seen = set(zip(train.user.tolist(), train.item.tolist()))
+    hits, gains = [], []
+    with torch.no_grad():
+        for u, h in zip(split.user.tolist(), split.item.tolist()):
+            scores = [float(trainer.model(torch.tensor([u]), torch.tensor([i]))) for i in range(num_items)]
+            rank = sum(scores[i] >= scores[h] for i in range(num_items) if i != h and (u, i) not in seen)
+            hits.append(rank < 10)
+            gains.append(1 / math.log2(rank + 2) if rank < 10 else 0.0)
+    assert metrics["hr@10_full"] == pytest.approx(np.mean(hits))
+    assert metrics["ndcg@10_full"] == pytest.approx(np.mean(gains))
+    assert 0 < metrics["hr@10_full"] < metrics["hr@10"]  # about 140 competitors, not 49
+
+
 def test_negatives_exclude_rated_items_and_are_seeded():
     from fedrec.data.negatives import RatedItems
 

@@ -108,6 +108,12 @@ class RecModel(nn.Module):
             return self.score(user.unsqueeze(1).expand(-1, k).reshape(-1), item.reshape(-1)).view(-1, k)
         return self.score(user, item)
 
+    def score_all_items(self, user: Tensor) -> Tensor:
+        """Scores [B, num_items] of each user against every item (full-ranking evaluation);
+        pairwise through :meth:`score` here, a matrix product where the model allows it."""
+        items = torch.arange(self.num_items, device=user.device)
+        return self(user, items.unsqueeze(0).expand(len(user), -1))
+
     def loss(self, user: Tensor, item: Tensor, label: Tensor, negatives: Optional[Tensor]) -> Tensor:
         """The mean training loss of a batch (plus ``l2`` on the rows it used)."""
         pos = self(user, item)
@@ -153,6 +159,10 @@ class BiasedMF(RecModel):
         p, q = self.user_embedding(user), self.item_embedding(item)
         return (self.global_bias + self.user_bias(user).squeeze(-1) + self.item_bias(item).squeeze(-1)
                 + (p * q).sum(-1))
+
+    def score_all_items(self, user: Tensor) -> Tensor:
+        scores = self.user_embedding(user) @ self.item_embedding.weight.t()
+        return scores + self.item_bias.weight.t() + self.user_bias(user) + self.global_bias
 
 
 @registry.load("model", "neumf")

@@ -44,6 +44,9 @@ class RecTrainConfig(pydantic.BaseModel):
     eval_negatives: int = pydantic.Field(99, ge=1)
     top_k: int = pydantic.Field(10, ge=1)
     eval_seed: int = 0  # the sampled evaluation negatives: the same for every run and round
+    #: also rank the held-out item against every item the user has not rated in train
+    #: (``hr@k_full``, ``ndcg@k_full``)
+    full_ranking: bool = True
     report_every_n: int = pydantic.Field(100, ge=1)
     keep_every_n: int = pydantic.Field(2, ge=1)
     data_seed: int = 100
@@ -144,6 +147,10 @@ class RecTrainer(BaseTrainer):
             raise ConfigError(f"train.config.eval_negatives is {train_config.eval_negatives}, but a user of "
                               f"{self.dataset.path} has rated {most} of its {self.dataset.num_items} items, leaving "
                               f"{self.dataset.num_items - most} to sample from; lower eval_negatives")
+        train = splits[0]
+        #: sorted (user * num_items + item) of the training split: what full ranking leaves out
+        self.train_keys = np.unique(np.asarray(train.user, np.int64) * self.dataset.num_items
+                                    + np.asarray(train.item, np.int64))
         self._loaders: Optional[Dict[str, Any]] = None
         super().__init__(config_dict, train_config, logger, model_preproc, logdir)
         if self.model.loss_function == "mse" and self.dataset.feedback != "explicit":
@@ -242,7 +249,33 @@ class RecTrainer(BaseTrainer):
                "rank": np.concatenate(ranks_) if ranks_ else np.zeros(0, np.int64)}
         if sq:
             out["squared_error"] = np.concatenate(sq)
+        if cfg.full_ranking:
+            out["rank_full"] = self.full_ranks(split)
         return out
+
+    @torch.no_grad()
+    def full_ranks(self, split: Any) -> np.ndarray:
+        """Per held-out row: its item's rank among every item the user has not rated in
+        train (the user's other held-out items compete), scored in chunks of users."""
+        from fedrec.utilities.ranking import full_ranks, rated_mask
+
+        num_items = self.dataset.num_items
+        chunk = max(1, (1 << 21) // num_items)  # about 2M scores (8 MB) at a time
+        was_training = self.model.training
+        self.model.eval()
+        out = []
+        try:
+            for start in range(0, len(split), chunk):
+                user = np.array(split.user[start:start + chunk], np.int64)
+                item = torch.from_numpy(np.array(split.item[start:start + chunk], np.int64)).to(self.device)
+                scores = self.model.score_all_items(torch.from_numpy(user).to(self.device)).float()
+                if not bool(torch.isfinite(scores).all()):
+                    raise DivergedError(f"the model's scores on the {split.name} data are nan or inf")
+                excluded = rated_mask(self.train_keys, user, num_items).to(self.device)
+                out.append(full_ranks(scores, item, excluded).cpu().numpy())
+        finally:
+            self.model.train(was_training)
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
 
     def metrics_of(self, scored: Dict[str, np.ndarray]) -> tuple[Dict[str, float], Dict[str, np.ndarray]]:
         """(means over users, per-user values) of :meth:`score_split`'s output."""
@@ -252,6 +285,10 @@ class RecTrainer(BaseTrainer):
         hit, ndcg = hit_and_ndcg(scored["rank"], k)
         metrics = summarize(hit, ndcg, k)
         per_user = {"user": scored["user"], f"hr@{k}": hit, f"ndcg@{k}": ndcg}
+        if "rank_full" in scored and len(hit):
+            hit_full, ndcg_full = hit_and_ndcg(scored["rank_full"], k)
+            metrics[f"hr@{k}_full"], metrics[f"ndcg@{k}_full"] = float(hit_full.mean()), float(ndcg_full.mean())
+            per_user[f"hr@{k}_full"], per_user[f"ndcg@{k}_full"] = hit_full, ndcg_full
         if "squared_error" in scored:
             metrics["rmse"] = float(np.sqrt(scored["squared_error"].mean())) if len(hit) else math.nan
             per_user["abs_error"] = np.sqrt(scored["squared_error"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Dict
 
 import numpy as np
+import torch
 
 
 def ranks(scores: np.ndarray) -> np.ndarray:
@@ -33,3 +34,29 @@ def summarize(hit: np.ndarray, ndcg: np.ndarray, k: int = 10) -> Dict[str, float
     return {f"hr@{k}": float(hit.mean()), f"ndcg@{k}": float(ndcg.mean()),
             f"ndcg@{k}_std": float(ndcg.std()), f"ndcg@{k}_p25": float(np.quantile(ndcg, 0.25)),
             f"ndcg@{k}_p75": float(np.quantile(ndcg, 0.75)), "users": float(len(hit))}
+
+
+def full_ranks(scores: torch.Tensor, held: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
+    """0-based rank of item ``held[b]`` among all of row b's items (``scores`` [B, I]),
+    leaving out the row's ``excluded`` items (bool [B, I]: what the user rated in train)
+    and the held-out item itself; ties count against it, as in :func:`ranks`."""
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    target = scores[rows, held].unsqueeze(1)
+    beats = (scores >= target) & ~excluded
+    beats[rows, held] = False
+    return beats.sum(dim=1)
+
+
+def rated_mask(keys: np.ndarray, users: np.ndarray, num_items: int) -> torch.Tensor:
+    """bool [len(users), num_items]: True where ``keys`` (sorted ``user * num_items + item``)
+    holds the pair; vectorised, without a Python loop over users."""
+    users = np.asarray(users, np.int64)
+    lo = np.searchsorted(keys, users * num_items)
+    hi = np.searchsorted(keys, (users + 1) * num_items)
+    counts = hi - lo
+    mask = torch.zeros(len(users), num_items, dtype=torch.bool)
+    if counts.sum():
+        row = np.repeat(np.arange(len(users)), counts)
+        pos = np.repeat(lo - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum()))
+        mask[torch.from_numpy(row), torch.from_numpy(keys[pos] - users[row] * num_items)] = True
+    return mask
