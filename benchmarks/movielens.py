@@ -68,7 +68,8 @@ def federated(label: str, config: Dict[str, Any], logdir: Path) -> Dict[str, Any
     sim = Simulation(with_data_defaults(config), logdir)
     history = sim.run()
     metrics, _ = sim.trainer.evaluate_federated(sim.global_state,
-                                                lambda users: sim.runner.private_rows(users, sim.round_idx),
+                                                lambda users: sim.runner.private_rows_and_stored(
+                                                    users, sim.round_idx),
                                                 phase="test")
     sim.close()
     rounds = len(history)

@@ -415,3 +415,76 @@ def test_federated_run_on_ml_latest_small_improves_hr(tmp_path):
     history = sim.run()
     sim.close()
     assert history[-1]["hr@10"] > initial + 0.05, (initial, history[-1]["hr@10"])
+
+
+def _tree_digest(root: Path) -> Dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_reconstruction_refits_never_selected_users_for_evaluation_only(tmp_path):
+    """Planted factors; the item side and half of the users' rows come from training
+    (written to the client state store as a federated run would), the other half were
+    never selected: their seeded rows score at popularity level until re-fitted."""
+    from fedrec.data.synthetic_ratings import synthesize_ratings
+    from fedrec.runner import build_trainer, run_preprocess
+    from fedrec.trainers.rec_trainer import ReconstructConfig
+
+    synthesize_ratings(tmp_path / "r.csv", num_users=200, num_items=200, mean_per_user=30, dim=4, scale=6.0,
+                       seed=11)
+    config = load_config(PROJECT_ROOT / "configs" / "movielens_mf_fl.yml")
+    config["model"].update({"embedding_dim": 8})
+    config["model"]["preproc"].update({"datafile": str(tmp_path / "r.csv"), "output_file": str(tmp_path / "out")})
+    config["train"]["config"].update({"progress_bar": False, "eval_negatives": 49, "num_epochs": 5})
+    config["train"]["optimizer"] = {"name": "split", "sparse": {"name": "sparse_adam", "lr": 0.01},
+                                    "dense": {"name": "adam", "lr": 0.01}}
+    run_preprocess(config, progress=False)
+    trained = build_trainer(copy.deepcopy(config), tmp_path / "central")
+    trained.train()
+    weights = trained.model.state_dict()
+    sim = _sim(config, tmp_path / "run")
+    for name in sim.global_state:
+        sim.global_state[name] = weights[name].clone()
+    for user in range(100):  # users 0..99 trained; 100..199 never selected
+        sim.runner.store.put(user, 0, {f"private/{n}": weights[n][user:user + 1].clone()
+                                       for n in sim.runner.private_names})
+    users = np.arange(sim.trainer.dataset.num_users)
+    rows, stored = sim.runner.private_rows_and_stored(users, 1)
+    assert stored.tolist() == [True] * 100 + [False] * 100
+    global_before = {k: v.clone() for k, v in sim.global_state.items()}
+    store_before = _tree_digest(tmp_path / "run" / "client_state")
+
+    def evaluate(reconstruct: Any) -> Dict[str, Any]:
+        sim.trainer.train_config = sim.trainer.train_config.model_copy(update={"reconstruct_unseen": reconstruct})
+        metrics, values = sim.trainer.evaluate_federated(
+            sim.global_state, lambda u: sim.runner.private_rows_and_stored(u, 1), phase="test")
+        return {"metrics": metrics, **values}
+
+    plain = evaluate(None)
+    refit = evaluate(ReconstructConfig(steps=50, lr=1.0))
+    unseen = ~stored[plain["user"]]
+    assert refit["metrics"]["users_reconstructed"] == 100 and "users_reconstructed" not in plain["metrics"]
+    for key, margin in (("hr@10", 0.2), ("hr@10_full", 0.2)):
+        assert refit[key][unseen].mean() > plain[key][unseen].mean() + margin, (
+            key, plain[key][unseen].mean(), refit[key][unseen].mean())
+    assert np.array_equal(refit["hr@10"][~unseen], plain["hr@10"][~unseen])  # trained users: untouched
+    # evaluation changes neither the global model nor the store; a second look re-fits the same
+    for name, tensor in global_before.items():
+        assert torch.equal(sim.global_state[name], tensor), name
+    assert _tree_digest(tmp_path / "run" / "client_state") == store_before
+    again, stored_again = sim.runner.private_rows_and_stored(users, 1)
+    assert np.array_equal(stored, stored_again) and all(torch.equal(rows[k], again[k]) for k in rows)
+    assert np.array_equal(evaluate(ReconstructConfig(steps=50, lr=1.0))["hr@10"], refit["hr@10"])
+    sim.close()
+
+
+def test_reconstruction_config_is_strict(synthetic_config, tmp_path):
+    from fedrec.runner import build_train_config
+
+    config = copy.deepcopy(synthetic_config)
+    config["train"]["config"]["reconstruct_unseen"] = {"steps": 5, "lr": 0.5}
+    assert build_train_config(config).reconstruct_unseen.steps == 5
+    from fedrec.utilities.registry import ConfigTypeError
+
+    config["train"]["config"]["reconstruct_unseen"] = {"step": 5}
+    with pytest.raises(ConfigTypeError, match="unknown key 'reconstruct_unseen.step'"):
+        build_train_config(config)

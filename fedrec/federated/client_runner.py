@@ -439,13 +439,21 @@ class ClientRunner:
     def private_rows(self, users: np.ndarray, before_round: int) -> Dict[str, torch.Tensor]:
         """Every user's private rows as stored before round ``before_round`` (their seeded
         start where never selected): what each client would evaluate with on its device."""
+        return self.private_rows_and_stored(users, before_round)[0]
+
+    def private_rows_and_stored(self, users: np.ndarray,
+                                before_round: int) -> Tuple[Dict[str, torch.Tensor], np.ndarray]:
+        """:meth:`private_rows` and, per user, whether its rows came from the store (False:
+        never selected, so the seeded start; FedRecon-style evaluation re-fits those)."""
         out = {name: torch.empty((len(users),) + tuple(self.replica[name].shape[1:]),
                                  dtype=self.replica[name].dtype) for name in self.private_names}
+        stored = np.zeros(len(users), dtype=bool)
         for k, user in enumerate(np.asarray(users).tolist()):
             state = self.store.get(int(user), before_round)[0] if self.store is not None else {}
+            stored[k] = any(f"{PRIVATE_PREFIX}{name}" in state for name in self.private_names)
             for name, values in self.private_rows_from(state, torch.tensor([int(user)])).items():
                 out[name][k] = values[0]
-        return out
+        return out, stored
 
     def _embedding_table_names(self) -> List[str]:
         tables = getattr(self.model, "sparse_tables", None)

@@ -269,7 +269,7 @@ class Simulation:
     def _evaluate_per_user(self) -> Dict[str, float]:
         before = self.round_idx + 1  # the private rows as stored after this round
         metrics, per_user = self.trainer.evaluate_federated(
-            self.global_state, lambda users: self.runner.private_rows(users, before))
+            self.global_state, lambda users: self.runner.private_rows_and_stored(users, before))
         if len(per_user["user"]) <= self.trainer.train_config.client_records_max_users:
             keys = [k for k in per_user if k != "user"]
             for k, user in enumerate(per_user["user"].tolist()):  # one record per client

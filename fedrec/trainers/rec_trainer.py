@@ -30,6 +30,16 @@ from fedrec.utilities.logger import BaseLogger
 from fedrec.utilities.random_state import derive_seed
 
 
+class ReconstructConfig(pydantic.BaseModel):
+    """FedRecon-style evaluation (Singhal et al. 2021): a user never selected in training
+    fits its own rows on its own train data, the item side frozen, before it is scored."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = pydantic.Field(20, ge=1)  # full-batch SGD steps on the user's rows
+    lr: float = pydantic.Field(1.0, gt=0)
+
+
 @registry.load("train_config", "rec_std")
 class RecTrainConfig(pydantic.BaseModel):
     """``train.config`` of the rec trainer: ``num_epochs`` passes over the training split,
@@ -47,6 +57,8 @@ class RecTrainConfig(pydantic.BaseModel):
     #: also rank the held-out item against every item the user has not rated in train
     #: (``hr@k_full``, ``ndcg@k_full``)
     full_ranking: bool = True
+    #: federated evaluation: re-fit never-selected users' rows first (None: score their seeded start)
+    reconstruct_unseen: Optional[ReconstructConfig] = None
     report_every_n: int = pydantic.Field(100, ge=1)
     keep_every_n: int = pydantic.Field(2, ge=1)
     data_seed: int = 100
@@ -312,13 +324,73 @@ class RecTrainer(BaseTrainer):
         """Metrics of the global model where each user scores with its own private rows
         (``private_rows(users) -> {table: rows}``, from the client state store)."""
         state = self.model.state_dict()
+        users = np.arange(self.dataset.num_users)
+        found = private_rows(users)
+        rows, stored = found if isinstance(found, tuple) else (found, None)
         with torch.no_grad():
             for name, tensor in global_state.items():
                 state[name].copy_(tensor)
-            users = np.arange(self.dataset.num_users)
-            for name, rows in private_rows(users).items():
-                state[name].copy_(rows)
-        return self.metrics_of(self.score_split(phase))
+            for name, values in rows.items():
+                state[name].copy_(values)
+        unseen = np.zeros(0, np.int64) if stored is None else users[~np.asarray(stored, bool)]
+        if self.train_config.reconstruct_unseen is not None and len(unseen):
+            self.reconstruct(unseen)
+        metrics, per_user = self.metrics_of(self.score_split(phase))
+        if self.train_config.reconstruct_unseen is not None and metrics:
+            metrics["users_reconstructed"] = float(len(unseen))
+        return metrics, per_user
+
+    def reconstruct(self, users: np.ndarray, max_rows: int = 1 << 17) -> None:
+        """Fit ``users``' private rows in the model on their train rows (item side frozen):
+        ``steps`` of full-batch SGD on each user's own mean loss, with negatives drawn once
+        from ``eval_seed``. Vectorised over users (their losses are independent); only
+        the model's replica changes, nothing is stored."""
+        cfg = self.train_config.reconstruct_unseen
+        assert cfg is not None
+        train = self.dataset.split("train")
+        all_users = np.asarray(train.user, np.int64)
+        order = np.argsort(all_users, kind="stable")
+        sorted_users = all_users[order]
+        users = np.asarray(users, np.int64)
+        lo, hi = np.searchsorted(sorted_users, users), np.searchsorted(sorted_users, users, side="right")
+        tables = [self.model.get_parameter(name) for name in self.model.private_tables()]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            first = 0
+            while first < len(users):  # chunks of whole users, about max_rows rows each
+                last = int(np.searchsorted(np.cumsum(hi[first:] - lo[first:]), max_rows, side="right"))
+                last = first + max(last, 1)
+                self._reconstruct_chunk(order, lo[first:last], hi[first:last], tables, cfg, first)
+                first = last
+        finally:
+            self.model.train(was_training)
+
+    def _reconstruct_chunk(self, order: np.ndarray, lo: np.ndarray, hi: np.ndarray, tables: List[torch.Tensor],
+                           cfg: ReconstructConfig, chunk: int) -> None:
+        counts = hi - lo
+        if not counts.sum():
+            return
+        rows = np.concatenate([order[a:b] for a, b in zip(lo, hi)])
+        train = self.dataset.split("train")
+        user = torch.from_numpy(np.asarray(train.user[rows], np.int64)).to(self.device)
+        item = torch.from_numpy(np.asarray(train.item[rows], np.int64)).to(self.device)
+        label = torch.from_numpy(np.asarray(train.label[rows], np.float32)).to(self.device)
+        negatives = None
+        if self.num_negatives:
+            rng = np.random.default_rng(derive_seed(self.train_config.eval_seed, 7, chunk))
+            negatives = torch.from_numpy(self.rated.sample(user.cpu().numpy(), self.num_negatives, rng)).to(self.device)
+        # the batch loss is a mean over all rows; n / n_u turns a user's share into its own mean
+        unique, per_user = torch.unique(user, return_counts=True)
+        scale = (len(rows) / per_user.to(torch.float32)).unsqueeze(1)
+        for _ in range(cfg.steps):
+            with torch.enable_grad():
+                loss = self.model.loss(user, item, label, negatives)
+                grads = torch.autograd.grad(loss, tables)
+            with torch.no_grad():
+                for table, grad in zip(tables, grads):
+                    grad = grad.coalesce().to_dense() if grad.is_sparse else grad
+                    table.index_add_(0, unique, -cfg.lr * scale.to(table.dtype) * grad.index_select(0, unique))
 
     # -- the training loop ----------------------------------------------------------------
     def train(self) -> Dict[str, float]:
