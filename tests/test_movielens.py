@@ -488,3 +488,74 @@ def test_reconstruction_config_is_strict(synthetic_config, tmp_path):
     config["train"]["config"]["reconstruct_unseen"] = {"step": 5}
     with pytest.raises(ConfigTypeError, match="unknown key 'reconstruct_unseen.step'"):
         build_train_config(config)
+
+
+# -- temporal split ------------------------------------------------------------------------
+
+TEMPORAL = """userId,movieId,rating,timestamp
+1,1,4.0,10
+1,2,4.0,20
+1,3,4.0,30
+1,4,4.0,40
+1,5,4.0,50
+1,6,4.0,60
+2,1,4.0,15
+2,2,4.0,25
+2,6,4.0,45
+3,3,4.0,5
+3,4,4.0,12
+3,5,4.0,22
+4,1,4.0,35
+4,2,4.0,45
+4,3,4.0,55
+"""
+
+
+def test_temporal_split_by_hand(tmp_path, capsys):
+    from fedrec.data.movielens import describe_report
+
+    path = _write(tmp_path, TEMPORAL)
+    meta = preprocess_ratings(path, tmp_path / "out", MovieLensOptions(split="temporal", cut_timestamp=32))
+    data = RatingsDataset.open(tmp_path / "out")
+    got = {name: list(zip(data.split(name).user.tolist(), data.split(name).item.tolist()))
+           for name in ("train", "val", "test")}
+    # users 1, 2, 3 -> 0, 1, 2 (user 4 starts after the cut: dropped); items 1..6 -> 0..5
+    assert np.load(tmp_path / "out" / "user_ids.npy").tolist() == [1, 2, 3]
+    assert got["train"] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 2), (2, 3), (2, 4)]
+    assert got["val"] == [(0, 3)]  # user 1's first later item; user 2 has one later item: test only
+    assert got["test"] == [(0, 4), (1, 5)]  # user 3 has nothing after the cut: evaluated nowhere
+    report = meta["report"]
+    assert report["users_only_after_cut"] == 1
+    assert report["temporal"] == {"cut_timestamp": 32, "users_evaluated": 2, "users_not_evaluated": 1,
+                                  "users_without_val": 1, "later_interactions_unused": 1}  # user 1's 6th
+    text = "\n".join(describe_report(meta))
+    assert "temporal cut at 32: 2 users evaluated" in text and "not evaluated (nothing after the cut) 1" in text
+    # a fraction of the interactions: 15 rows, 0.6 -> 9 before the cut, the 10th timestamp (40)
+    meta = preprocess_ratings(path, tmp_path / "out2", MovieLensOptions(split="temporal", cut_fraction=0.6))
+    assert meta["report"]["temporal"]["cut_timestamp"] == 40
+    assert meta["report"]["users_only_after_cut"] == 0  # user 4 rated at 35, before this cut
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"split": "temporal"}, "exactly one of cut_fraction"),
+    ({"split": "temporal", "cut_fraction": 0.5, "cut_timestamp": 3}, "exactly one of cut_fraction"),
+    ({"cut_fraction": 0.5}, "split: temporal only"),
+    ({"split": "temporal", "cut_fraction": 1.5}, "less than 1"),
+])
+def test_temporal_options_are_checked(options, message):
+    with pytest.raises(ValueError, match=message):
+        MovieLensOptions(**options)
+
+
+def test_temporal_split_trains_and_evaluates_federated(synthetic_config, tmp_path):
+    from fedrec.federated.run import run_simulation
+    from fedrec.runner import run_preprocess
+
+    config = copy.deepcopy(synthetic_config)
+    config["model"]["preproc"].update({"split": "temporal", "cut_fraction": 0.7, "output_file": str(tmp_path / "t")})
+    meta = run_preprocess(config, progress=False)
+    t = meta["report"]["temporal"]
+    assert meta["splits"]["test"] == t["users_evaluated"] > 0
+    assert meta["num_users"] == 30 - meta["report"]["users_only_after_cut"]
+    history = run_simulation(config, tmp_path / "run", print_rounds=False)
+    assert math.isfinite(history[-1]["hr@10"]) and "hr@10_full" in history[-1]

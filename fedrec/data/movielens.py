@@ -61,10 +61,21 @@ class MovieLensOptions(pydantic.BaseModel):
     skip_bad_lines: bool = False
     #: field separator: auto picks ``::`` for .dat, tab for .data, ``,`` otherwise
     sep: Literal["auto", ",", "::", "\t"] = "auto"
-    split: Literal["leave_one_out"] = "leave_one_out"
+    #: leave_one_out: per user, last item test, the one before val; temporal: one global
+    #: time cut, train before it, each user's first and second later items val and test
+    split: Literal["leave_one_out", "temporal"] = "leave_one_out"
+    #: temporal: the cut leaves this fraction of the interactions (in time order) before it
+    cut_fraction: Optional[float] = pydantic.Field(None, gt=0.0, lt=1.0)
+    #: temporal: or the cut is this timestamp (interactions at or after it are "later")
+    cut_timestamp: Optional[int] = None
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> "MovieLensOptions":
+        cuts = (self.cut_fraction is not None) + (self.cut_timestamp is not None)
+        if self.split == "temporal" and cuts != 1:
+            raise ValueError("split: temporal needs exactly one of cut_fraction (0 < f < 1) and cut_timestamp")
+        if self.split != "temporal" and cuts:
+            raise ValueError("cut_fraction and cut_timestamp apply to split: temporal only")
         low, high = self.rating_scale
         if not low < high:
             raise ValueError(f"rating_scale must be [min, max] with min < max, got {list(self.rating_scale)}")
@@ -243,6 +254,47 @@ def leave_one_out(user: np.ndarray, timestamp: np.ndarray, line: np.ndarray) -> 
     return order, code
 
 
+def temporal_split(user: np.ndarray, timestamp: np.ndarray, line: np.ndarray,
+                   cut: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(order, split code): rows sorted by (user, time, line); before ``cut`` is train (0);
+    of a user's later rows the first is val (1) and the second test (2), or the only one
+    test; the rest are 3 (not used, counted)."""
+    order = np.lexsort((line, timestamp, user))
+    u, later = user[order], timestamp[order] >= cut
+    code = np.zeros(len(u), dtype=np.int8)
+    if not len(u):
+        return order, code
+    # rows are grouped by user and in time order, so a user's later rows are its last ones
+    group = np.cumsum(np.r_[True, u[1:] != u[:-1]]) - 1
+    first_row = np.searchsorted(group, group)
+    n_before = np.bincount(group, weights=~later).astype(np.int64)[group]
+    total = np.bincount(group, weights=later).astype(np.int64)[group]
+    k = np.arange(len(u)) - first_row - n_before  # 0-based index among the user's later rows
+    code[later & (k == 0)] = np.where(total[later & (k == 0)] >= 2, 1, 2)
+    code[later & (k == 1)] = 2
+    code[later & (k >= 2)] = 3
+    return order, code
+
+
+def _temporal_cut(timestamp: np.ndarray, options: MovieLensOptions) -> int:
+    if options.cut_timestamp is not None:
+        return int(options.cut_timestamp)
+    ordered = np.sort(timestamp)
+    return int(ordered[min(int(options.cut_fraction * len(ordered)), len(ordered) - 1)])
+
+
+def drop_users_without_history(data: Dict[str, np.ndarray], cut: int, report: Dict[str, Any]) -> Dict[str, np.ndarray]:
+    """Temporal split: users with nothing before the cut have no training data (cold
+    start): dropped and counted."""
+    users = np.unique(data["user"])
+    early = np.unique(data["user"][data["timestamp"] < cut])
+    late_only = np.setdiff1d(users, early)
+    report["users_only_after_cut"] = int(len(late_only))
+    if len(late_only):
+        report["examples"]["users_only_after_cut"] = f"user {int(late_only[0])} has no interaction before {cut}"
+    return _take(data, np.isin(data["user"], early))
+
+
 def preprocess_ratings(datafile: str | os.PathLike, output_file: str | os.PathLike,
                        options: MovieLensOptions) -> Dict[str, Any]:
     """Ratings file -> processed folder; returns the metadata written (with the counts)."""
@@ -273,9 +325,23 @@ def _preprocess(source: Path, output: Path, options: MovieLensOptions) -> Dict[s
     data = drop_sparse_users(data, source, options, report)
     if not len(data["user"]):
         raise DataError(f"{source}: no user has the {options.min_interactions} interactions the split needs")
+    if options.split == "temporal":
+        cut = _temporal_cut(data["timestamp"], options)
+        data = drop_users_without_history(data, cut, report)
+        if not len(data["user"]):
+            raise DataError(f"{source}: no user has an interaction before the temporal cut {cut}")
     user_ids, user = np.unique(data["user"], return_inverse=True)
     item_ids, item = np.unique(data["item"], return_inverse=True)
-    order, code = leave_one_out(user, data["timestamp"], data["line"])
+    if options.split == "temporal":
+        order, code = temporal_split(user, data["timestamp"], data["line"], cut)
+        evaluated = np.zeros(len(user_ids), bool)
+        evaluated[user[order[code == 2]]] = True
+        report["temporal"] = {"cut_timestamp": cut, "users_evaluated": int(evaluated.sum()),
+                              "users_not_evaluated": int((~evaluated).sum()),
+                              "users_without_val": int(evaluated.sum() - (code == 1).sum()),
+                              "later_interactions_unused": int((code == 3).sum())}
+    else:
+        order, code = leave_one_out(user, data["timestamp"], data["line"])
     label = (data["rating"] if options.feedback == "explicit" else np.ones(len(user), np.float32))
     columns = {"user": user, "item": item, "label": label, "timestamp": data["timestamp"]}
 
@@ -329,6 +395,13 @@ def describe_report(metadata: Dict[str, Any]) -> List[str]:
                ("users with too few interactions", r["users_too_few"])]
     text = "; ".join(f"{what} {n:,}" for what, n in dropped)
     lines.append(f"dropped: {text} ({r['interactions_of_users_too_few']:,} interactions of those users)")
+    if "temporal" in r:
+        t = r["temporal"]
+        lines.append(f"temporal cut at {t['cut_timestamp']}: {t['users_evaluated']:,} users evaluated "
+                     f"({t['users_without_val']:,} of them with a test item but no validation item); "
+                     f"not evaluated (nothing after the cut) {t['users_not_evaluated']:,}; dropped (nothing "
+                     f"before the cut) {r['users_only_after_cut']:,}; later interactions unused "
+                     f"{t['later_interactions_unused']:,}")
     for key, example in r.get("examples", {}).items():
         lines.append(f"  first of {key}: {example}")
     return lines
