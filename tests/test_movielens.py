@@ -242,22 +242,39 @@ def _sim(config: Dict[str, Any], logdir: Path):
     return Simulation(with_data_defaults(config), logdir)
 
 
-def test_private_embeddings_never_uploaded(synthetic_config, tmp_path):
+def _assert_private_rows_never_sent(sim, logdir: Path, client: int = 3) -> Any:
+    """Runs one client's round: its private rows are not in the global model, the update,
+    the checkpoint or the bytes counted; they are in its own state. Returns the result."""
     from fedrec.federated.client_runner import RoundJob
     from fedrec.federated.context import RoundContext
     from fedrec.federated.update import RowSubset
 
+    runner = sim.runner
+    private = set(runner.private_names)
+    assert private and not private & set(sim.global_state)  # the global model has no user rows at all
+    job = RoundJob(RoundContext(0, sim.seed), [(0, [client, 11])], sim.global_state)
+    result = runner.run_job(job)
+    update = result.block_updates[0][1]
+    assert not private & (set(update.dense) | set(update.rows))
+    for stat in result.stats:
+        assert stat.bytes_up == stat.bytes_down  # what came down goes up: no user rows either way
+    state, _ = runner.store.get(client, 1)
+    assert {f"private/{name}" for name in private} <= set(state)
+    assert not any(isinstance(v, RowSubset) for v in sim.global_state.values())
+    sim.save_checkpoint()
+    saved = CheckpointManager.load(next((logdir / "checkpoints").glob("*.pt")))
+    assert not private & set(saved["global"]) and not any("user_embedding" in n for n in saved["global"])
+    return result
+
+
+def test_private_embeddings_never_uploaded(synthetic_config, tmp_path):
     sim = _sim(copy.deepcopy(synthetic_config), tmp_path)
     assert sim.fl.num_workers == 30  # left out of the config: one client per user
     runner = sim.runner
-    private = set(runner.private_names)
-    assert private == {"user_embedding.weight", "user_bias.weight"}
-    assert not private & set(sim.global_state)  # the global model has no user rows at all
-    job = RoundJob(RoundContext(0, sim.seed), [(0, [3, 11])], sim.global_state)
-    result = runner.run_job(job)
+    assert set(runner.private_names) == {"user_embedding.weight", "user_bias.weight"}
+    result = _assert_private_rows_never_sent(sim, tmp_path)
     update = result.block_updates[0][1]
-    sent = set(update.dense) | set(update.rows)
-    assert sent == {"global_bias", "item_embedding.weight", "item_bias.weight"}
+    assert set(update.dense) | set(update.rows) == {"global_bias", "item_embedding.weight", "item_bias.weight"}
     value_bytes = runner.fl.value_bytes
     for stat in result.stats:
         rows = runner._rows_of(stat.client_id, 0)
@@ -275,13 +292,8 @@ def test_private_embeddings_never_uploaded(synthetic_config, tmp_path):
     negatives = runner.trainer.client_loader(client_rows, 8, seed=123).negatives()
     user = int(runner.trainer.dataset.split("train").user[client_rows[0]])
     assert not runner.trainer.rated.contains(np.full(negatives.size, user), negatives.reshape(-1)).any()
-    # the user's row is in its own state, and the global model a client starts from has none
     state, _ = runner.store.get(3, 1)
     assert state["private/user_embedding.weight"].shape == (1, 8)
-    assert not any(isinstance(v, RowSubset) for v in sim.global_state.values())
-    sim.save_checkpoint()
-    saved = CheckpointManager.load(next((tmp_path / "checkpoints").glob("*.pt")))
-    assert not any("user" in name for name in saved["global"])
     sim.close()
 
 
@@ -559,3 +571,49 @@ def test_temporal_split_trains_and_evaluates_federated(synthetic_config, tmp_pat
     assert meta["num_users"] == 30 - meta["report"]["users_only_after_cut"]
     history = run_simulation(config, tmp_path / "run", print_rounds=False)
     assert math.isfinite(history[-1]["hr@10"]) and "hr@10_full" in history[-1]
+
+
+# -- two-tower -----------------------------------------------------------------------------
+
+
+def _two_tower(config: Dict[str, Any], loss: str = "bce") -> Dict[str, Any]:
+    config = copy.deepcopy(config)
+    config["model"] = {"name": "two_tower", "embedding_dim": 8, "user_layers": [8], "item_layers": [16, 8],
+                       "loss_function": loss, "init_std": 0.1, "sparse": True, "preproc": config["model"]["preproc"]}
+    return config
+
+
+@pytest.mark.parametrize("loss", ["bce", "bpr"])
+def test_two_tower_trains_centrally(synthetic_config, tmp_path, loss):
+    from fedrec.runner import build_trainer
+
+    config = _two_tower(synthetic_config, loss)
+    config["train"]["config"].update({"num_epochs": 10, "batch_size": 16})
+    config["train"]["optimizer"] = {"name": "split", "sparse": {"name": "sparse_adam", "lr": 0.01},
+                                    "dense": {"name": "adam", "lr": 0.01}}
+    trainer = build_trainer(config, tmp_path)
+    before = trainer.evaluate("test", log=False)
+    trainer.train()
+    after = trainer.evaluate("test", log=False)
+    assert after["hr@10"] > before["hr@10"] + 0.1, (before, after)
+    assert 0 <= after["hr@10_full"] <= after["hr@10"]
+    users = torch.arange(5)  # the matrix-product full ranking agrees with the pairwise scores
+    items = torch.arange(trainer.dataset.num_items).expand(5, -1)
+    with torch.no_grad():
+        assert torch.allclose(trainer.model.score_all_items(users), trainer.model(users, items), atol=1e-5)
+
+
+def test_two_tower_federated_keeps_user_rows_private(synthetic_config, tmp_path):
+    from fedrec.federated.run import run_simulation
+
+    config = _two_tower(synthetic_config)
+    sim = _sim(config, tmp_path / "one")
+    assert sim.runner.private_names == ["user_embedding.weight"]
+    result = _assert_private_rows_never_sent(sim, tmp_path / "one")
+    update = result.block_updates[0][1]
+    assert set(update.rows) == {"item_embedding.weight"}  # sparse rows; the towers' MLPs travel whole
+    assert {n for n in update.dense if "tower" in n} == {n for n in sim.global_state if "tower" in n} != set()
+    sim.close()
+    config["fl"]["num_rounds"] = 4
+    history = run_simulation(config, tmp_path / "run", print_rounds=False)
+    assert history[-1]["train_loss"] < history[0]["train_loss"] and math.isfinite(history[-1]["hr@10_full"])

@@ -1,4 +1,4 @@
-"""Collaborative-filtering models over (user, item) pairs: biased MF and NeuMF / GMF / MLP.
+"""Collaborative-filtering models over (user, item) pairs: biased MF, NeuMF / GMF / MLP, two-tower.
 
 Plain PyTorch, the maths of the papers:
 
@@ -214,3 +214,53 @@ class NeuMF(RecModel):
         if self.variant in ("neumf", "mlp"):
             parts.append(self.mlp(torch.cat([self.mlp_user(user), self.mlp_item(item)], dim=-1)))
         return self.predict(torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]).squeeze(-1)
+
+
+def _tower(width: int, layers: Sequence[int]) -> nn.Module:
+    """Linear layers with ReLU between them (none after the last): a tower's output."""
+    blocks: List[nn.Module] = []
+    for k, n_out in enumerate(int(n) for n in layers):
+        linear = nn.Linear(width, n_out)
+        nn.init.xavier_uniform_(linear.weight)
+        nn.init.zeros_(linear.bias)
+        blocks += [linear] + ([nn.ReLU()] if k < len(layers) - 1 else [])
+        width = n_out
+    return nn.Sequential(*blocks)
+
+
+@registry.load("model", "two_tower")
+class TwoTower(RecModel):
+    """Two towers scored by a dot product: the user tower is the user's private embedding
+    (then ``user_layers``, an MLP shared by all users), the item tower the item's embedding
+    then ``item_layers``. Item rows travel as the rows a client touches, the MLPs whole;
+    every item's vector is computed once for full ranking."""
+
+    def __init__(self, *, num_users: int, num_items: int, embedding_dim: int = 32,
+                 user_layers: Sequence[int] = (), item_layers: Sequence[int] = (64, 32),
+                 loss_function: Literal["bce", "bpr", "mse"] = "bce", init_std: float = 0.01, l2: float = 0.0,
+                 sparse: bool = False, rating_mean: float = 0.0) -> None:
+        super().__init__(num_users, num_items, loss_function, init_std, l2, sparse)
+        if embedding_dim < 1 or min(list(user_layers) + list(item_layers) + [1]) < 1:
+            raise ValueError(f"embedding_dim and the tower layers must be >= 1, got {embedding_dim}, "
+                             f"{list(user_layers)} and {list(item_layers)}")
+        user_out = int(user_layers[-1]) if len(user_layers) else embedding_dim
+        item_out = int(item_layers[-1]) if len(item_layers) else embedding_dim
+        if user_out != item_out:
+            raise ValueError(f"the towers must end at the same width for their dot product, got user "
+                             f"{user_out} (user_layers {list(user_layers)}) and item {item_out} "
+                             f"(item_layers {list(item_layers)})")
+        self.user_embedding = self._table(num_users, embedding_dim)
+        self.item_embedding = self._table(num_items, embedding_dim)
+        self.user_tower = _tower(embedding_dim, user_layers)
+        self.item_tower = _tower(embedding_dim, item_layers)
+        self.global_bias = nn.Parameter(torch.tensor(float(rating_mean) if loss_function == "mse" else 0.0))
+        self.user_tables = ["user_embedding.weight"]
+        self.item_tables = ["item_embedding.weight"]
+
+    def score(self, user: Tensor, item: Tensor) -> Tensor:
+        u = self.user_tower(self.user_embedding(user))
+        return self.global_bias + (u * self.item_tower(self.item_embedding(item))).sum(-1)
+
+    def score_all_items(self, user: Tensor) -> Tensor:
+        items = self.item_tower(self.item_embedding.weight)
+        return self.global_bias + self.user_tower(self.user_embedding(user)) @ items.t()

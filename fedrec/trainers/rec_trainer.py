@@ -140,7 +140,7 @@ class RecLoader:
 
 @registry.load("trainer", "rec")
 class RecTrainer(BaseTrainer):
-    """Trains a registered rec model (``biased_mf``, ``neumf``) on processed ratings."""
+    """Trains a registered rec model (``biased_mf``, ``neumf``, ``two_tower``) on processed ratings."""
 
     def __init__(self, config_dict: Dict[str, Any], train_config: RecTrainConfig,
                  logger: Optional[BaseLogger] = None, model_preproc: Any = None, logdir: Any = None) -> None:
