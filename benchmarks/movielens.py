@@ -2,6 +2,7 @@
 
     python benchmarks/movielens.py                         # the table on ml-latest-small
     python benchmarks/movielens.py --scale_users 100000    # synthetic users: memory and seconds per round
+    python benchmarks/movielens.py --floor_rounds 10       # a FedAvg MF round over its compute floor
 
 Table: centralized biased MF, NeuMF and two-tower, and federated (every user a client, 50 users per
 round) with FedAvg and FedAdam, leave-one-out test HR@10 / NDCG@10 against 99 sampled
@@ -174,6 +175,25 @@ def scale(args: argparse.Namespace) -> None:
          oracle_hr10=meta["oracle_hr@10"], hr10=metrics.get("hr@10"))
 
 
+def floor(args: argparse.Namespace) -> None:
+    """FedAvg MF rounds on ml-latest-small against their compute floor: the same clients'
+    batches trained centrally (``_common.compare_with_floor``, as for DLRM)."""
+    from _common import compare_with_floor
+
+    from fedrec.federated.simulation import Simulation
+    from fedrec.runner import with_data_defaults
+
+    config = base_config("movielens_mf_fl.yml", Path(args.data), Path(args.workdir), explicit=False)
+    config["fl"].update({"num_rounds": args.floor_rounds, "client_num_per_round": 50,
+                         "local_epochs": args.local_epochs, "eval_every_n_rounds": 10 ** 6,
+                         "fl_algo": {"name": "fed_avg"}})
+    preprocess(config)
+    sim = Simulation(with_data_defaults(config), Path(args.workdir) / "floor")
+    result = compare_with_floor(sim, args.floor_rounds)
+    sim.close()
+    emit(bench="movielens_floor", rounds=args.floor_rounds, **{k: v for k, v in result.items() if k != "rows"})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(ML_SMALL))
@@ -185,11 +205,13 @@ def main() -> None:
     parser.add_argument("--explicit_local_lr", type=float, default=0.05)
     parser.add_argument("--only", nargs="*", help="run only the settings whose label contains one of these")
     parser.add_argument("--scale_users", type=int, help="instead of the table: this many synthetic users")
+    parser.add_argument("--floor_rounds", type=int, help="instead of the table: FedAvg MF rounds against the "
+                        "compute floor (the same batches trained centrally)")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(1)
-    (scale if args.scale_users else table)(args)
+    (scale if args.scale_users else floor if args.floor_rounds else table)(args)
 
 
 if __name__ == "__main__":
