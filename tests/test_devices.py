@@ -26,12 +26,13 @@ from fedrec.utilities.checkpoint import CheckpointManager
 from fedrec.utilities.config import ConfigError
 from fedrec.utilities.logger import MemoryLogger, read_metrics
 
+from test_fl_simulation import run, without_timings
+
 HETERO = {"speed": {"name": "log_uniform", "low": 10, "high": 200},
           "download": {"name": "lognormal", "median": 2.0e6, "spread": 10},
           "upload": {"name": "log_uniform", "low": 1.0e4, "high": 5.0e5}}
 DEVICE_KEYS = {"virtual_time", "virtual_round_seconds", "clients_selected", "clients_dropped", "clients_late",
                "clients_surplus", "wasted_samples", "wasted_bytes", "round_abandoned"}
-TIMING_KEYS = {"round_seconds", "eval_seconds"}
 
 
 def with_devices(config, devices=None, policy=None, **fl):
@@ -43,21 +44,8 @@ def with_devices(config, devices=None, policy=None, **fl):
     return config
 
 
-def run(config, logdir):
-    sim = Simulation(config, logdir, logger=MemoryLogger())
-    try:
-        history = sim.run()
-    finally:
-        sim.close()
-    return sim, history
-
-
 def clock_lines(logdir):
     return [json.loads(line) for line in (logdir / "virtual_clock.jsonl").read_text().splitlines()]
-
-
-def without_timings(history):
-    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in history]
 
 
 # -- profiles ----------------------------------------------------------------------------------

@@ -24,10 +24,12 @@ from fedrec.federated.simulation import Simulation
 from fedrec.federated.virtual_clock import local_samples
 from fedrec.utilities.logger import MemoryLogger
 
+from test_devices import clock_lines
+from test_fl_simulation import run, without_timings
+
 HETERO = {"speed": {"name": "log_uniform", "low": 10, "high": 200},
           "download": {"name": "log_uniform", "low": 1.0e6, "high": 1.0e7},
           "upload": {"name": "log_uniform", "low": 2.0e4, "high": 1.0e6}}
-TIMING_KEYS = {"round_seconds", "eval_seconds"}
 
 
 def with_async(config, concurrency, buffer_size, devices=None, policy=None, **fl):
@@ -38,23 +40,6 @@ def with_async(config, concurrency, buffer_size, devices=None, policy=None, **fl
         config["fl"]["round_policy"] = policy
     config["fl"].update(fl)
     return config
-
-
-def run(config, logdir):
-    sim = Simulation(config, logdir, logger=MemoryLogger())
-    try:
-        history = sim.run()
-    finally:
-        sim.close()
-    return sim, history
-
-
-def clock_lines(logdir):
-    return [json.loads(line) for line in (logdir / "virtual_clock.jsonl").read_text().splitlines()]
-
-
-def without_timings(history):
-    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in history]
 
 
 def test_staleness_weights():
