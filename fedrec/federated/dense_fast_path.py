@@ -45,13 +45,13 @@ the dense path, and the run log says which path was chosen and why:
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any
 
 import numpy as np
 import torch
 
 
-def choose(runner: Any) -> Tuple[bool, str]:
+def choose(runner: Any) -> tuple[bool, str]:
     """(use the fast path, a line for the run log) for a dense-mode ``ClientRunner``;
     ``(False, "")`` in sparse mode (the question does not arise)."""
     fl = runner.fl
@@ -64,7 +64,7 @@ def choose(runner: Any) -> Tuple[bool, str]:
     return False, f"dense updates: full-table path ({reason})"
 
 
-def _blocker(runner: Any) -> "str | None":
+def _blocker(runner: Any) -> str | None:
     from fedrec.federated.fed_avg import FedAvgWorker
     from fedrec.federated.fedprox import FedProxWorker
     from fedrec.federated_worker import FederatedWorker
