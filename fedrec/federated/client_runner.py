@@ -181,6 +181,19 @@ class ClientRunner:
         self._local_lr = float(fl.optimizer_config.get("lr", fl.local_lr))  # fl.local_optimizer's own lr wins
         self._has_objective = self.algorithm.local_objective is not FederatedWorker.local_objective
         self._dense_bytes = sum(self.replica[n].numel() for n in self.dense_names) * fl.value_bytes
+        # dense mode with sparse internals where provably identical (dense_fast_path.py):
+        # clients load and upload only their rows, the bytes still count as dense
+        from fedrec.federated import dense_fast_path
+
+        self.dense_fast, self.dense_path_note = dense_fast_path.choose(self)
+        #: what each client loads and uploads whole (dense_names less the tables on the fast path)
+        self.whole_names = ([n for n in self.dense_names if n not in self.table_names] if self.dense_fast
+                            else self.dense_names)
+
+    @property
+    def row_updates(self) -> bool:
+        """Whether clients load and upload embedding rows (sparse mode, or the dense fast path)."""
+        return self.sparse_mode or self.dense_fast
 
     def attach_logdir(self, logdir: Path) -> None:
         """Where the run's files go (a runner built to check a config has none yet)."""
@@ -289,8 +302,8 @@ class ClientRunner:
         state, extra = self.store.get(cid, job.round_idx) if self.store is not None else ({}, {})
         context = ClientContext(
             round=job.context, client_id=cid, sample_num=int(self.partition.sizes[cid]), model=self.model,
-            weights=self.replica, start=job.global_state, dense_names=self.dense_names,
-            touched_rows=self._rows_of(cid, job.round_idx) if self.sparse_mode else {}, local_lr=self._local_lr,
+            weights=self.replica, start=job.global_state, dense_names=self.whole_names,
+            touched_rows=self._rows_of(cid, job.round_idx) if self.row_updates else {}, local_lr=self._local_lr,
             local_momentum=self._local_momentum, state=state, extra=extra, private_names=self.private_names)
         context.evaluate_loss = functools.partial(self._client_loss, cid)
         context.rows_of_client = functools.partial(self._rows_of, cid, job.round_idx)
@@ -336,7 +349,11 @@ class ClientRunner:
             update = self.attack.poison_update(update, context)
         update = run_client_chain(self.postprocessors, update, context)
         value_bytes = context.upload_value_bytes or self.fl.value_bytes
-        return update, update.nbytes(value_bytes) + context.extra_bytes_up
+        nbytes = update.nbytes(value_bytes)
+        if self.dense_fast:  # counted as the dense path sends it: each table whole, no row ids
+            nbytes += sum(int(self.replica[n].numel()) * value_bytes - row.nbytes(value_bytes)
+                          for n, row in update.rows.items())
+        return update, nbytes + context.extra_bytes_up
 
     def _save_state(self, worker: FederatedWorker, context: ClientContext) -> None:
         if context.new_state is None and worker.extra == context.extra and not self.private_names:
@@ -351,8 +368,9 @@ class ClientRunner:
     # -- download and sparse rows ---------------------------------------------------------
     def _download(self, global_state: Mapping[str, torch.Tensor], touched: Mapping[str, torch.Tensor]) -> None:
         """Load the global weights into the replica: all of them, or in sparse mode the
-        dense parameters and only the embedding rows this client will touch."""
-        names = self.dense_names
+        dense parameters and only the embedding rows this client will touch (also on the
+        dense fast path: the other rows cannot change, and are never read)."""
+        names = self.whole_names
         with torch.no_grad():
             torch._foreach_copy_([self.replica[n] for n in names], [global_state[n] for n in names])
             for name, ids in touched.items():
@@ -362,7 +380,7 @@ class ClientRunner:
         """Bytes a client downloads: the model (sparse mode: MLPs and its rows), plus the
         server values it is sent (cut to its rows the same way)."""
         value = self.fl.value_bytes
-        touched = context.touched_rows
+        touched = {} if self.dense_fast else context.touched_rows  # the fast path counts as dense
         dim_of = {n: self.replica[n].shape[1] for n in touched}
         rows = sum(ids.numel() * (8 + dim_of[n] * value) for n, ids in touched.items())
         total = self._dense_bytes + rows

@@ -33,6 +33,9 @@ class FLConfig(pydantic.BaseModel):
     num_eval_batches: Optional[int] = pydantic.Field(None, ge=1)
     embedding_updates: Literal["dense", "sparse"] = "dense"
     embedding_aggregation: Literal["dense_equivalent", "per_row"] = "dense_equivalent"
+    # dense mode computed with sparse internals where an untouched row provably cannot
+    # change (same results bit for bit, bytes counted as dense); off: the full-table path
+    dense_fast_path: Literal["auto", "off"] = "auto"
     seed: int = 0
     reduce_blocks: int = pydantic.Field(12, ge=1)  # fixed reduction blocks: same sums for any #processes
     mpi_processes: Optional[int] = pydantic.Field(None, ge=1)  # MPI processes to use (default: all)

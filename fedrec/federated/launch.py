@@ -39,7 +39,8 @@ def make_backend(name: str, runner: ClientRunner, config: Dict[str, Any], logdir
         for message in report_crashed_processes(Path(logdir)):  # an earlier MPI run's
             log.warning(message)
         return LocalBackend(runner, threads=runner.fl.client_threads)
-    # Sparse mode: each process downloads the MLPs and only its clients' embedding rows.
-    rows_for = runner.rows_of_clients if runner.sparse_mode else None
+    # Sparse mode (and the dense fast path): each process downloads the MLPs and only its
+    # clients' embedding rows.
+    rows_for = runner.rows_of_clients if runner.row_updates else None
     return MPIBackend(config, logdir, runner.partition.sizes, processes=processes, config_path=config_path,
                       rows_for=rows_for)

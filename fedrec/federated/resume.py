@@ -29,6 +29,7 @@ RESUME_MAY_CHANGE: Dict[str, str] = {
     "fl.checkpoint_every_n_rounds": "how often checkpoints are written",
     "fl.keep_checkpoints": "how many checkpoints are kept",
     "fl.progress_bar": "display only",
+    "fl.dense_fast_path": "the fast path gives the dense path's results bit for bit (tested)",
     "fl.backend": "local and MPI runs give the same results bit for bit (tested)",
     "fl.mpi_processes": "any number of MPI processes gives the same results bit for bit (tested)",
     "train.config.progress_bar": "display only (the simulator turns it off anyway)",

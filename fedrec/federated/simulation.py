@@ -155,6 +155,8 @@ class Simulation:
         self.fingerprint = simulation_fingerprint(config, trainer.dataset, self.runner.postprocessors,
                                                   devices=devices_digest(self.clock))
         self.per_row_embeddings = self.runner.per_row_embeddings
+        if self.runner.dense_path_note:
+            self.logger.info(self.runner.dense_path_note)
         self.postprocessors = self.runner.postprocessors
         for line in filter(None, (p.describe() for p in self.postprocessors)):
             self.logger.info(line)
