@@ -45,7 +45,9 @@ def secagg_config(config, rounds=1, **sa):
 
 
 def plain_config(config, rounds=1):
-    config["fl"].update({"num_rounds": rounds, "client_num_per_round": 10})
+    """The same run without secure aggregation, its embedding tables summed whole like the
+    secure run's (the dense fast path would sum only the touched rows)."""
+    config["fl"].update({"num_rounds": rounds, "client_num_per_round": 10, "dense_fast_path": "off"})
     return config
 
 
