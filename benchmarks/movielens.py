@@ -137,12 +137,13 @@ def scale(args: argparse.Namespace) -> None:
     """Synthetic users with 64-dimensional private embeddings: peak RSS and seconds per round."""
     from fedrec.data.synthetic_ratings import synthesize_ratings
 
-    workdir = Path(args.workdir) / f"scale-{args.scale_users}"
+    workdir = Path(args.workdir) / f"scale-{args.scale_users}-{args.ratings_per_user}"
     workdir.mkdir(parents=True, exist_ok=True)
     datafile = workdir / "ratings.csv"
     start = time.perf_counter()
     if not datafile.exists():
-        meta = synthesize_ratings(datafile, num_users=args.scale_users, num_items=3000, mean_per_user=20,
+        meta = synthesize_ratings(datafile, num_users=args.scale_users, num_items=3000,
+                                  mean_per_user=args.ratings_per_user,
                                   dim=16, seed=0)
     else:
         import json
@@ -208,6 +209,9 @@ def main() -> None:
     parser.add_argument("--two_tower_local_lr", type=float, default=0.1)
     parser.add_argument("--only", nargs="*", help="run only the settings whose label contains one of these")
     parser.add_argument("--scale_users", type=int, help="instead of the table: this many synthetic users")
+    parser.add_argument("--ratings_per_user", type=int, default=20,
+                        help="with --scale_users: mean ratings per user (hold users x this fixed to see what "
+                             "memory grows with users alone; rerun the same command for a peak without synthesis)")
     parser.add_argument("--floor_rounds", type=int, help="instead of the table: FedAvg MF rounds against the "
                         "compute floor (the same batches trained centrally)")
     args = parser.parse_args()
