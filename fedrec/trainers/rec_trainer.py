@@ -269,6 +269,7 @@ class RecTrainer(BaseTrainer):
     def full_ranks(self, split: Any) -> np.ndarray:
         """Per held-out row: its item's rank among every item the user has not rated in
         train (the user's other held-out items compete), scored in chunks of users."""
+        from fedrec.utilities.memory import release_freed_memory
         from fedrec.utilities.ranking import full_ranks, rated_mask
 
         num_items = self.dataset.num_items
@@ -285,6 +286,9 @@ class RecTrainer(BaseTrainer):
                     raise DivergedError(f"the model's scores on the {split.name} data are nan or inf")
                 excluded = rated_mask(self.train_keys, user, num_items).to(self.device)
                 out.append(full_ranks(scores, item, excluded).cpu().numpy())
+                del scores, excluded
+                if len(out) % 4 == 0:  # else the heap keeps every chunk's pages (about 5 KB a user)
+                    release_freed_memory()
         finally:
             self.model.train(was_training)
         return np.concatenate(out) if out else np.zeros(0, np.int64)
