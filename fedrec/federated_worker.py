@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import (TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Mapping, MutableMapping, Optional,
                     Sequence, Union)
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -89,49 +90,66 @@ class NeighbourTable(MutableMapping[int, Neighbour]):
     """
 
     def __init__(self, ids: Sequence[int] = (), sample_nums: Optional[Sequence[int]] = None) -> None:
-        self._ids = [int(i) for i in ids]
-        self._index = {i: k for k, i in enumerate(self._ids)}
-        self._sample_nums = list(sample_nums) if sample_nums is not None else [0] * len(self._ids)
+        self._ids = np.asarray(list(ids) if not isinstance(ids, (range, np.ndarray)) else ids, dtype=np.int64)
+        count = len(self._ids)
+        self._sample_nums = (np.zeros(count, np.int64) if sample_nums is None
+                             else np.asarray(sample_nums, dtype=np.int64).copy())
+        # ids 0..n-1 (an aggregator over its trainers) need no index: the id is the position
+        self._first = int(self._ids[0]) if count else 0
+        contiguous = count == 0 or bool(np.array_equal(self._ids, np.arange(self._first, self._first + count)))
+        self._index: Optional[Dict[int, int]] = None if contiguous else \
+            {int(i): k for k, i in enumerate(self._ids.tolist())}
         self._live: Dict[int, Neighbour] = {}
+
+    def _position(self, nid: int) -> Optional[int]:
+        if self._index is not None:
+            return self._index.get(nid)
+        position = nid - self._first
+        return position if 0 <= position < len(self._ids) else None
 
     def __getitem__(self, key: NeighbourKey) -> Neighbour:
         nid = neighbour_id(key)
         live = self._live.get(nid)
         if live is not None:
             return live
-        if nid not in self._index:
+        position = self._position(nid)
+        if position is None:
             raise KeyError(f"worker {nid} is not a neighbour")
-        neighbour = Neighbour(nid, sample_num=int(self._sample_nums[self._index[nid]]))
+        neighbour = Neighbour(nid, sample_num=int(self._sample_nums[position]))
         self._live[nid] = neighbour
         return neighbour
 
     def __setitem__(self, key: NeighbourKey, value: Neighbour) -> None:
         nid = neighbour_id(key)
-        if nid not in self._index:
+        if self._position(nid) is None:  # a new neighbour (rare): from here on, an explicit index
+            if self._index is None:
+                self._index = {int(i): k for k, i in enumerate(self._ids.tolist())}
             self._index[nid] = len(self._ids)
-            self._ids.append(nid)
-            self._sample_nums.append(value.sample_num)
+            self._ids = np.append(self._ids, np.int64(nid))
+            self._sample_nums = np.append(self._sample_nums, np.int64(value.sample_num))
         self._live[nid] = value
 
     def __delitem__(self, key: NeighbourKey) -> None:
         raise InvalidStateError("neighbours are fixed by the topology")
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self._ids)
+        return iter(self._ids.tolist())
 
     def __len__(self) -> int:
         return len(self._ids)
 
     def __contains__(self, key: object) -> bool:
         try:
-            return neighbour_id(key) in self._index  # type: ignore[arg-type]
+            return self._position(neighbour_id(key)) is not None  # type: ignore[arg-type]
         except (TypeError, ValueError):
             return False
 
     def sample_nums(self) -> List[int]:
         """Every neighbour's sample count, in iteration order (weighted sampling)."""
-        return [self._live[i].sample_num if i in self._live else int(n)
-                for i, n in zip(self._ids, self._sample_nums)]
+        counts = self._sample_nums.tolist()
+        for nid, neighbour in self._live.items():
+            counts[self._position(nid)] = neighbour.sample_num
+        return counts
 
     def release_models(self) -> None:
         """Forget the models received in a round (they are large; the ids stay)."""
