@@ -149,9 +149,19 @@ def _config_from(args: argparse.Namespace, paths: Dict[str, str]) -> Dict[str, A
     return load_config(args.config, sets=sets, flags=flags, flag_paths=paths)
 
 
+def _refuse_foreign_out(out: str, marker: str) -> None:
+    """A synthetic file replaces only an earlier one (it has the ``marker`` beside it),
+    never some other file at that path."""
+    path = Path(out)
+    if path.exists() and not Path(f"{out}{marker}").is_file():
+        raise ConfigError(f"--out {out} already exists and was not written by fedrec synth (no {path.name}{marker} "
+                          "beside it); choose a new path or remove it yourself")
+
+
 def _cmd_synth(args: argparse.Namespace) -> None:
     from fedrec.data import synthesize
 
+    _refuse_foreign_out(args.out, ".meta.json")
     meta = synthesize(args.rows, args.out, seed=args.seed, num_users=args.num_users)
     print(f"wrote {meta['rows']:,} rows to {args.out} (CTR {meta['ctr']:.3f}, "
           f"optimal AUC {meta['optimal_auc']:.4f}); users in {args.out}.users.npy")
@@ -160,6 +170,7 @@ def _cmd_synth(args: argparse.Namespace) -> None:
 def _cmd_synth_ratings(args: argparse.Namespace) -> None:
     from fedrec.data.synthetic_ratings import synthesize_ratings
 
+    _refuse_foreign_out(args.out, ".meta.json")
     try:
         meta = synthesize_ratings(args.out, num_users=args.users, num_items=args.items,
                                   mean_per_user=args.per_user, dim=args.dim, seed=args.seed)
@@ -304,6 +315,8 @@ def _os_error(err: OSError, args: argparse.Namespace) -> str:
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and in_logdir:
         reason = err.strerror.lower() if err.strerror else "permission denied"
         return f"cannot write {path}: {reason} (the --logdir must be a folder you can write to)"
+    if err.errno in (errno.EEXIST, errno.ENOTDIR) and err.filename and not Path(err.filename).is_dir():
+        return f"{err.filename} is a file, where a folder was expected: choose another path"
     if err.strerror and err.filename:
         return f"{err.filename}: {err.strerror}"
     return str(err)

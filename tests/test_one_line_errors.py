@@ -229,3 +229,31 @@ def test_verbose_adds_the_traceback(config, tmp_path, capsys):
     status, _, err = cli(capsys, "-v", "simulate", "--config", cfg, "--logdir", tmp_path / "run",
                          "--set", "fl.partitioner.alpha=0")
     assert status == 2 and "Traceback" in err and err.strip().splitlines()[-1].startswith("fedrec simulate: error:")
+
+
+@pytest.mark.parametrize("command", ["synth", "synth-ratings"])
+def test_synth_does_not_overwrite_a_file_it_did_not_write(tmp_path, capsys, command):
+    from run_helpers import cli
+
+    out = tmp_path / "mine.csv"
+    out.write_text("my own data\n")
+    size = ["--rows", 10] if command == "synth" else ["--users", 10]
+    status, _, err = cli(capsys, command, *size, "--out", out)
+    assert status == 2 and len(err.strip().splitlines()) == 1 and "already exists" in err, err
+    assert out.read_text() == "my own data\n"
+    again = tmp_path / "again.csv"  # an earlier synthetic file is replaced
+    assert cli(capsys, command, *size, "--out", again)[0] == 0
+    assert cli(capsys, command, *size, "--out", again)[0] == 0
+
+
+def test_a_file_where_a_folder_is_expected_is_one_line(tmp_path, capsys):
+    from conftest import PROJECT_ROOT
+    from run_helpers import cli
+
+    blocker = tmp_path / "blocker"
+    blocker.write_text("keep\n")
+    status, _, err = cli(capsys, "sweep", "--config", PROJECT_ROOT / "configs" / "dlrm_fl.yml",
+                         "--grid", "fl.local_lr=0.1", "--logdir", blocker)
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert "blocker is a file, where a folder was expected" in err, err
+    assert blocker.read_text() == "keep\n"

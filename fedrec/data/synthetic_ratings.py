@@ -13,6 +13,7 @@ approach them, not beat them (up to sampling noise).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Dict
 
@@ -28,9 +29,21 @@ def synthesize_ratings(path: str | Path, num_users: int, num_items: int = 2000, 
     if num_items < 110:
         raise ValueError(f"num_items must be >= 110 (a user's items plus 99 sampled negatives), got {num_items}")
     rng = np.random.default_rng(seed)
+    path = Path(path)
+    partial = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # a killed run leaves no half-written file
+    try:
+        meta = _write(partial, num_users, num_items, mean_per_user, dim, scale, seed, chunk_users, rng)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    Path(f"{path}.meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def _write(path: Path, num_users: int, num_items: int, mean_per_user: int, dim: int, scale: float, seed: int,
+           chunk_users: int, rng: np.random.Generator) -> Dict[str, Any]:
     items_f = rng.normal(0.0, 1.0 / np.sqrt(dim), size=(num_items, dim)).astype(np.float32)
     popularity = rng.normal(0.0, 1.0, size=num_items).astype(np.float32)
-    path = Path(path)
     hits, gains, evaluated, rows = 0, 0.0, 0, 0
     with open(path, "w", encoding="utf-8") as out:
         out.write("userId,movieId,rating,timestamp\n")
@@ -61,7 +74,5 @@ def synthesize_ratings(path: str | Path, num_users: int, num_items: int = 2000, 
                         gains += 1.0 / np.log2(rank + 2)
             out.writelines(lines)
             rows += int(counts.sum())
-    meta = {"rows": rows, "num_users": num_users, "num_items": num_items, "dim": dim, "scale": scale, "seed": seed,
+    return {"rows": rows, "num_users": num_users, "num_items": num_items, "dim": dim, "scale": scale, "seed": seed,
             "oracle_hr@10": hits / max(evaluated, 1), "oracle_ndcg@10": float(gains) / max(evaluated, 1)}
-    Path(f"{path}.meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return meta
