@@ -189,6 +189,11 @@ class ClientRunner:
         #: what each client loads and uploads whole (dense_names less the tables on the fast path)
         self.whole_names = ([n for n in self.dense_names if n not in self.table_names] if self.dense_fast
                             else self.dense_names)
+        from fedrec.federated import client_engine
+
+        #: trains blocks of clients at once (None: one client after another)
+        self.engine, self.engine_note = client_engine.choose(self)
+        self._trained: Dict[int, Any] = {}  # the engine's results for the clients of the current block
 
     @property
     def row_updates(self) -> bool:
@@ -266,6 +271,8 @@ class ClientRunner:
         context: ClientContext = worker.context
         cid = worker.worker_index
         worker.begin_local_training(context)
+        if cid in self._trained:  # trained with its block by the vectorized engine
+            return self._load_trained(context, self._trained.pop(cid))
         optimizer = self._make_optimizer(model=self.model)
         seed = derive_seed(self.seed, worker.round_idx, cid)
         loader = self.trainer.client_loader(self.partition.indices_of(cid), self.fl.local_batch_size, seed=seed)
@@ -276,6 +283,16 @@ class ClientRunner:
         context.train_result = total
         return total
 
+    def _load_trained(self, context: ClientContext, trained: Any) -> LocalTrainResult:
+        """Leave the replica as the client's own local training would have."""
+        with torch.no_grad():
+            for name, value in trained.dense.items():
+                self.replica[name].copy_(value)
+            for name, (ids, values) in trained.rows.items():
+                self.replica[name].index_copy_(0, ids.to(self.replica[name].device), values)
+        context.train_result = trained.result
+        return trained.result
+
     def test(self, worker: FederatedWorker) -> Dict[str, float]:
         return self.trainer.evaluate("val", log=False)
 
@@ -283,10 +300,16 @@ class ClientRunner:
     def run_job(self, job: RoundJob) -> JobResult:
         """Run every client of ``job``; sum each block's updates in client-id order."""
         result = JobResult()
+        trained = self._engine_chunks(job)
         for block_index, clients in job.blocks:
             block = WeightedUpdate()
             for cid in clients:
-                upload = self._run_client(cid, job, result)
+                if trained is not None and cid not in self._trained:
+                    self._trained = next(trained)  # the vectorized engine's next chunk
+                try:
+                    upload = self._run_client(cid, job, result)
+                finally:
+                    self._trained.pop(cid, None)
                 if self.mode == "sum":
                     block.add_(upload)
                 elif self.mode == "updates":
@@ -296,6 +319,26 @@ class ClientRunner:
             if self.mode == "sum":
                 result.block_updates.append((block_index, block))
         return result
+
+    def _engine_chunks(self, job: RoundJob):
+        """With the vectorized engine: each block's clients trained chunk by chunk, each
+        chunk as big as ``fl.vectorize_memory_mb`` allows. Chunks never span blocks: a
+        batched matmul's float result can depend on how many clients it batches, and the
+        blocks are the same whatever the backend or the number of MPI processes, so the
+        results are too."""
+        if self.engine is None:
+            return None
+        clients = [int(c) for _, block in job.blocks for c in block]
+        rounds = {c: job.context.client_rounds.get(c, job.round_idx) for c in clients}
+
+        def chunks():
+            for chunk in (chunk for _, block in job.blocks for chunk in self.engine.chunks([int(c) for c in block])):
+                try:
+                    yield self.engine.train(chunk, rounds, job.global_state)
+                except Exception as err:
+                    raise ClientError(f"round {job.round_idx}, clients {chunk[0]}-{chunk[-1]} (vectorized "
+                                      f"engine): {type(err).__name__}: {err}") from err
+        return chunks()
 
     def client_context(self, cid: int, job: RoundJob) -> ClientContext:
         """Client ``cid``'s view of the round, its stored state loaded."""
