@@ -155,14 +155,23 @@ def _simulate(config, logdir):
     return sim, history, weights
 
 
-def test_simulation_with_the_vectorized_engine_matches_the_sequential_one(config, tmp_path):
-    config["fl"].update({"num_rounds": 3, "client_num_per_round": 12, "embedding_updates": "sparse",
-                         "fl_algo": {"name": "fed_adam", "server_lr": 0.01}, "local_epochs": 2})
+@pytest.mark.parametrize("fl, summed", [
+    ({"embedding_updates": "sparse", "fl_algo": {"name": "fed_adam", "server_lr": 0.01}, "local_epochs": 2}, True),
+    ({"fl_algo": {"name": "fed_avg"}}, True),  # dense mode, fast path: rows, bytes as dense
+    ({"fl_algo": {"name": "fed_avgm", "server_lr": 0.5, "server_momentum": 0.9}, "dense_fast_path": "off"}, True),
+    ({"fl_algo": {"name": "fed_nova"}, "embedding_updates": "sparse"}, False),  # its own upload
+    ({"postprocessors": [{"name": "l2_clip", "bound": 0.5}]}, False),
+    ({"local_epochs": None, "local_steps": 3, "embedding_updates": "sparse"}, False),
+])
+def test_simulation_with_the_vectorized_engine_matches_the_sequential_one(config, tmp_path, fl, summed):
+    config["fl"].update({"num_rounds": 3, "client_num_per_round": 12, **fl})
     seq, seq_history, seq_weights = _simulate(copy.deepcopy(config), tmp_path / "seq")
     config["fl"]["client_engine"] = "auto"
     vec, vec_history, vec_weights = _simulate(config, tmp_path / "vec")
     assert seq.runner.engine is None and vec.runner.engine is not None
     assert "client engine: vectorized (dlrm path" in vec.runner.engine_note
+    assert vec.runner.engine.sums_uploads is summed
+    assert ("uploads summed per block" if summed else "uploads client by client") in vec.runner.engine_note
     assert any("client engine: vectorized" in line for line in vec.logger.messages)
     for a, b in zip(seq_history, vec_history):
         for key in ("samples", "bytes_up", "bytes_down", "clients"):

@@ -47,7 +47,7 @@ class BatchedDLRM:
         self.top = _mlp_plan(model.over_arch.mlp.layers, "over_arch.mlp.layers")
         self.dot = model.arch_interaction_op == "dot"
         if self.dot:
-            self.li, self.lj = model.interaction_arch.li, model.interaction_arch.lj
+            self.pairs = model.interaction_arch.flat_pairs
         self.threshold = float(model.loss_threshold)
         self.per_sample = per_sample_loss(model)
 
@@ -78,7 +78,7 @@ class BatchedDLRM:
         if self.dot:
             v = torch.cat((x.unsqueeze(2), lookups), dim=2).view(k * b, -1, x.shape[-1])  # [KB, F, d]
             z = torch.bmm(v, v.transpose(1, 2))
-            features = torch.cat((x, z[:, self.li, self.lj].view(k, b, -1)), dim=2)
+            features = torch.cat((x, z.flatten(1).index_select(1, self.pairs).view(k, b, -1)), dim=2)
         else:
             features = torch.cat((x, lookups.flatten(2)), dim=2)
         probs = _run_mlp(self.top, leaves, features).squeeze(-1)  # [K, B]

@@ -26,12 +26,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from fedrec.federated.cohort import Cohort, build_cohort, client_visits
 from fedrec.federated.stacked_optim import OptimizerSpec, StackedOptimizer, spec_of
-from fedrec.federated.update import gather_rows
+from fedrec.federated.update import RowUpdate, WeightedUpdate, gather_rows
 from fedrec.trainers.base_trainer import LocalTrainResult
 from fedrec.utilities.config import ConfigError
 from fedrec.utilities.random_state import derive_seed
@@ -60,8 +61,10 @@ def choose(runner: Any) -> Tuple[Optional["VectorizedEngine"], str]:
     reason, forward = _blocker(runner)
     if reason is None:
         engine = VectorizedEngine(runner, forward)
+        sums = ("uploads summed per block" if engine.sums_uploads else
+                f"uploads client by client: {engine.per_client_reason}")
         return engine, (f"client engine: vectorized ({forward.name} path; blocks of up to "
-                        f"{runner.fl.vectorize_memory_mb:,} MiB, {engine.spec.kind} local steps)")
+                        f"{runner.fl.vectorize_memory_mb:,} MiB, {engine.spec.kind} local steps; {sums})")
     if setting == "vectorized":
         raise VectorizationError(f"fl.client_engine: vectorized cannot run this config: {reason}; "
                                  "use fl.client_engine: auto (falls back to sequential) or sequential")
@@ -117,6 +120,25 @@ def _blocker(runner: Any) -> Tuple[Optional[str], Any]:
     return None, FuncBatched(model, list(tables))
 
 
+def _per_client_reason(runner: Any) -> Optional[str]:
+    """Why each client's upload must go through its worker (None: the block's sum of
+    ``sample_num * (trained - start)`` is every client's FedAvg upload summed)."""
+    from fedrec.federated.fed_avg import FedAvgWorker
+    from fedrec.federated_worker import FederatedWorker
+
+    algorithm, name = runner.algorithm, runner.fl.fl_algo.get("name")
+    if not issubclass(algorithm, FedAvgWorker) or algorithm.run is not FedAvgWorker.run or runner.mode != "sum":
+        return f"fl_algo {name!r} is not FedAvg or a FedAvg server-optimizer preset"
+    if (algorithm.client_update is not FederatedWorker.client_update
+            or algorithm.server_values is not FederatedWorker.server_values):
+        return f"fl_algo {name!r} uploads or receives values of its own"
+    if runner.postprocessors:
+        return "fl.postprocessors transform each upload"
+    if runner.fl.local_steps is not None:
+        return "fl.local_steps (a client may not visit every row it uploads)"
+    return None
+
+
 def _identity_rows(module: torch.nn.Module) -> bool:
     from fedrec.modules.embeddings import TorchBagEmbedding
 
@@ -142,40 +164,54 @@ class VectorizedEngine:
         self.split = runner.trainer.dataset.split("train")
         self.num_dense = int(self.split.dense.shape[1])
         self.width = sum(int(p.shape[0]) for n, p in self.model.named_parameters() if n.endswith("bias"))
+        self.per_client_reason = _per_client_reason(runner)
+        self.sums_uploads = self.per_client_reason is None
         self.param_elements = sum(int(p.numel()) for n, p in self.model.named_parameters() if n in self.param_names)
 
     # -- memory budget --------------------------------------------------------------------
     def client_bytes(self, steps: int, max_steps: int) -> int:
         """An upper bound of the memory one client adds to a block whose longest client
         takes ``max_steps`` steps (its data are padded to that many)."""
+        return self._own_bytes(steps) + max_steps * self._data_bytes_per_step
+
+    @property
+    def _data_bytes_per_step(self) -> int:
+        # dense features, ids, block positions and their numpy staging, labels and weights
+        return self.fl.local_batch_size * (4 * self.num_dense + 8 * len(self.table_names) * 3 + 16)
+
+    def _own_bytes(self, steps: int) -> int:
+        """What a client takes whatever its block: its rows (with optimizer state and
+        gradients), its stacked parameters and its activations."""
         batch, tables = self.fl.local_batch_size, len(self.table_names)
-        state = 4 * (1 + (1 if self.spec.kind == "SGD" and self.spec.momentum or self.spec.kind == "Adagrad" else
-                          2 if self.spec.kind == "Adam" else 0))
-        data = max_steps * batch * (4 * self.num_dense + 8 * tables * 3 + 16)
-        rows = steps * batch * tables * self.dim * (state + 8 + (0 if self.spec.stateless else 4))
+        spec = self.spec
+        state = 4 * (1 + (1 if spec.kind == "SGD" and spec.momentum or spec.kind == "Adagrad" else
+                          2 if spec.kind == "Adam" else 0))
+        rows = steps * batch * tables * self.dim * (state + 8 + (0 if spec.stateless else 4))
         params = self.param_elements * (state + 8)
         activations = batch * 4 * 4 * ((tables + 1) ** 2 + tables * self.dim + 4 * self.width)
-        return int(data + rows + params + activations)
+        return int(rows + params + activations)
 
     def chunks(self, client_ids: Sequence[int]) -> List[List[int]]:
         """``client_ids`` cut, in order, into consecutive blocks that fit the budget."""
-        steps = [self._steps_of(c) for c in client_ids]
         out: List[List[int]] = []
-        start, longest = 0, 0
-        for i, cid in enumerate(client_ids):
-            longest_with = max(longest, steps[i])
-            need = sum(self.client_bytes(n, longest_with) for n in steps[start:i + 1])
-            if need > self.budget and i > start:  # close the chunk before this client
-                out.append(list(client_ids[start:i]))
-                start, longest_with = i, steps[i]
-                need = self.client_bytes(steps[i], steps[i])
+        current: List[int] = []
+        own, longest = 0, 0
+        for cid in client_ids:
+            steps = self._steps_of(cid)
+            need = own + self._own_bytes(steps) + (len(current) + 1) * max(longest, steps) * self._data_bytes_per_step
+            if need > self.budget and current:  # close the chunk before this client
+                out.append(current)
+                current, own, longest = [], 0, 0
+                need = self.client_bytes(steps, steps)
             if need > self.budget:
                 raise VectorizationError(
                     f"fl.vectorize_memory_mb is {self.fl.vectorize_memory_mb:,} MiB, but client {cid} alone "
                     f"needs about {-(-need // MIB):,} MiB in the vectorized engine; raise it to at least that")
-            longest = longest_with
-        if start < len(client_ids):
-            out.append(list(client_ids[start:]))
+            current.append(cid)
+            own += self._own_bytes(steps)
+            longest = max(longest, steps)
+        if current:
+            out.append(current)
         return out
 
     def _steps_of(self, cid: int) -> int:
@@ -190,6 +226,12 @@ class VectorizedEngine:
               global_state: Dict[str, Any]) -> Dict[int, TrainedClient]:
         """Train ``client_ids`` from ``global_state``; client ``c`` shuffles with the seed
         of its round ``round_of[c]``, as the sequential engine does."""
+        cohort, params, table, _, losses = self._train_stacked(client_ids, round_of, global_state)
+        return self._results(cohort, params, table, losses)
+
+    def _train_stacked(self, client_ids: Sequence[int], round_of: Dict[int, int], global_state: Dict[str, Any],
+                       keep_start: bool = False) -> Tuple[Cohort, Dict[str, Tensor], Tensor, Optional[Tensor], Tensor]:
+        """(cohort, stacked trained weights, trained block table, its start if asked, losses)."""
         runner, fl = self.runner, self.fl
         visits = []
         for cid in client_ids:
@@ -198,8 +240,59 @@ class VectorizedEngine:
             visits.append(client_visits(loader, fl))
         cohort = build_cohort(self.split, visits, client_ids, fl.local_batch_size, len(self.table_names), self.device)
         params, table = self._initial_weights(cohort, global_state)
+        start_rows = table.clone() if keep_start else None
         losses = self._run(cohort, params, table)
-        return self._results(cohort, params, table, losses)
+        return cohort, params, table, start_rows, losses
+
+    def train_sum(self, client_ids: Sequence[int], round_of: Dict[int, int],
+                  global_state: Dict[str, Any]) -> Tuple[WeightedUpdate, List[Any]]:
+        """Train ``client_ids`` and return what their FedAvg uploads add up to, with each
+        client's ``ClientStats`` (only when :attr:`sums_uploads`).
+
+        The sum is ``sum_k n_k * (trained_k - start)``: MLPs whole, tables as rows (a dense
+        table scattered into zeros where the runner sends tables whole), the row weights
+        those of the clients that read each row; the same values and bytes as the clients'
+        own uploads, added up per block instead of client by client.
+        """
+        from fedrec.federated.client_runner import ClientStats
+
+        runner = self.runner
+        cohort, params, table, start_rows, losses = self._train_stacked(client_ids, round_of, global_state,
+                                                                        keep_start=True)
+        sizes = [float(runner.partition.sizes[c]) for c in cohort.client_ids]
+        weight = torch.tensor(sizes, dtype=torch.float32, device=self.device)
+        update = WeightedUpdate(weight=float(sum(float(runner.partition.sizes[c]) for c in sorted(client_ids))),
+                                num_clients=len(client_ids))
+        for name in runner.whole_names:
+            if name in params:
+                delta = params[name] - global_state[name].to(self.device).unsqueeze(0)
+                update.dense[name] = (delta * weight.view((-1,) + (1,) * (delta.dim() - 1))).sum(dim=0)
+        # every row of the block table: its client's weight, its delta
+        row_client = torch.repeat_interleave(torch.arange(cohort.num_clients),
+                                             torch.from_numpy(cohort.segment[:, -1] - cohort.segment[:, 0]))
+        row_deltas = (table - start_rows) * weight[row_client.to(self.device)].unsqueeze(1)
+        for t, name in enumerate(self.table_names):
+            where = self._rows_by_table[t]
+            ids, inverse = torch.unique(cohort.row_ids[where], sorted=True, return_inverse=True)
+            values = torch.zeros((ids.numel(), self.dim), dtype=table.dtype, device=self.device)
+            values.index_add_(0, inverse.to(self.device), row_deltas[where.to(self.device)])
+            if name in runner.whole_names:  # dense updates on the full-table path: the table whole
+                full = torch.zeros_like(runner.replica[name], device=self.device)
+                update.dense[name] = full.index_add_(0, ids.to(self.device), values)
+            else:
+                row_weight = torch.zeros(ids.numel(), dtype=torch.float64)
+                row_weight.index_add_(0, inverse, weight.double().cpu()[row_client[where]])
+                update.rows[name] = RowUpdate(ids, values, row_weight)
+        value_bytes = runner.fl.value_bytes
+        stats = []
+        for k, cid in enumerate(cohort.client_ids):
+            # bytes as each client's own download and upload count them (ClientRunner)
+            rows = 0 if not runner.sparse_mode else int((cohort.segment[k, 1:] - cohort.segment[k, :-1]).sum()) * (
+                8 + self.dim * value_bytes)
+            traffic = runner.dense_bytes + rows
+            stats.append(ClientStats(cid, int(runner.partition.sizes[cid]), int(cohort.counts[:, k].sum()),
+                                     int(cohort.steps[k]), float(losses[k]), traffic, traffic))
+        return update, stats
 
     def _initial_weights(self, cohort: Cohort, global_state: Dict[str, Any]) -> Tuple[Dict[str, Tensor], Tensor]:
         k = cohort.num_clients
@@ -209,8 +302,10 @@ class VectorizedEngine:
             # a copy per client (never a view of the global weights, even when k == 1)
             params[name] = value.unsqueeze(0).repeat((k,) + (1,) * value.dim())
         table = torch.empty((int(cohort.row_ids.numel()), self.dim), dtype=torch.float32, device=self.device)
+        self._rows_by_table = []
         for t, name in enumerate(self.table_names):
             where = torch.nonzero(cohort.row_table == t).squeeze(1)
+            self._rows_by_table.append(where)
             if where.numel():
                 rows = gather_rows(global_state[name], cohort.row_ids[where])
                 table[where.to(self.device)] = rows.to(self.device, table.dtype)

@@ -300,6 +300,8 @@ class ClientRunner:
     def run_job(self, job: RoundJob) -> JobResult:
         """Run every client of ``job``; sum each block's updates in client-id order."""
         result = JobResult()
+        if self.engine is not None and self.engine.sums_uploads:
+            return self._run_job_summed(job, result)
         trained = self._engine_chunks(job)
         for block_index, clients in job.blocks:
             block = WeightedUpdate()
@@ -320,12 +322,29 @@ class ClientRunner:
                 result.block_updates.append((block_index, block))
         return result
 
+    def _run_job_summed(self, job: RoundJob, result: JobResult) -> JobResult:
+        """The vectorized engine's FedAvg uploads, summed chunk by chunk within each block."""
+        rounds = {int(c): job.context.client_rounds.get(c, job.round_idx) for _, block in job.blocks for c in block}
+        for block_index, clients in job.blocks:
+            block = WeightedUpdate()
+            for chunk in self.engine.chunks([int(c) for c in clients]):
+                try:
+                    update, stats = self.engine.train_sum(chunk, rounds, job.global_state)
+                except Exception as err:
+                    raise ClientError(f"round {job.round_idx}, clients {chunk[0]}-{chunk[-1]} (vectorized "
+                                      f"engine): {type(err).__name__}: {err}") from err
+                block.add_(update)
+                result.stats.extend(stats)
+            result.block_updates.append((block_index, block))
+        return result
+
     def _engine_chunks(self, job: RoundJob):
         """With the vectorized engine: each block's clients trained chunk by chunk, each
-        chunk as big as ``fl.vectorize_memory_mb`` allows. Chunks never span blocks: a
-        batched matmul's float result can depend on how many clients it batches, and the
-        blocks are the same whatever the backend or the number of MPI processes, so the
-        results are too."""
+        chunk as big as ``fl.vectorize_memory_mb`` allows. Chunks never span blocks: some
+        CPU kernels (``sigmoid``, for one) round a value differently depending on the
+        tensor's size, so a client's floats can depend on how many clients it is batched
+        with, and the blocks are the same whatever the backend or the number of MPI
+        processes, so the results are too."""
         if self.engine is None:
             return None
         clients = [int(c) for _, block in job.blocks for c in block]

@@ -121,7 +121,8 @@ class StackedOptimizer:
             if grad is None:
                 rows, values = row_grads[i]
                 if spec.stateless:  # only the rows read move: no dense gradient needed
-                    param.index_add_(0, rows, values, alpha=-spec.lr)
+                    # (scaled first: index_add_ with an alpha takes a path several times slower)
+                    param.index_add_(0, rows, values * -spec.lr)
                     continue
                 grad = torch.zeros_like(param).index_add_(0, rows, values)
             self._update(param, grad, {k: v[:n] for k, v in self.state[i].items()})
