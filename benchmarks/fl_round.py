@@ -16,6 +16,9 @@ Prints JSON lines:
   batches within a block); ``--threads`` sets both the floor's and the simulations'
   (``fl.client_threads``) torch threads. Also the achieved GFLOP/s of the matmuls (counted with
   ``torch.utils.flop_counter``) against this machine's measured single-thread sgemm peak.
+* ``engine_memory`` (``--engine-memory``): peak RSS of one vectorized round (fresh process
+  each) at ``fl.vectorize_memory_mb`` 64 / 256 / 1,024, and the chunks the budget made;
+  ``budget_mib`` 0 is the sequential engine's round, for comparison.
 """
 
 from __future__ import annotations
@@ -173,6 +176,41 @@ def engines(workdir: Path, rows: int, rounds: int, settings: list, blocks: list,
                  fraction_of_matmul_peak=flops * per_round / vec_seconds / 1e9 / peak)
 
 
+def engine_memory_child(workdir: Path, rows: int, setting: str, budget_mb: int) -> None:
+    """One vectorized round in this (fresh) process: peak RSS, chunks and their sizes."""
+    import torch
+
+    from fedrec.federated.simulation import Simulation
+
+    torch.set_num_threads(1)
+    fl_extra, model_extra = ENGINE_SETTINGS[setting]
+    config = make_data(workdir, rows, max_ind_range=10_000 if setting.startswith("kaggle") else -1)
+    config["model"].update(model_extra)
+    config["fl"].update({"num_workers": 1000, "client_num_per_round": 100, "num_rounds": 1, "local_epochs": 1,
+                         "partitioner": {"name": "dirichlet", "alpha": 0.5}, "eval_every_n_rounds": 10_000,
+                         "client_engine": "vectorized" if budget_mb else "sequential",
+                         "vectorize_memory_mb": budget_mb or 1024, "reduce_blocks": 1, **fl_extra})
+    sim = Simulation(config, workdir / f"engine-memory-{setting}-{budget_mb}")
+    before = peak_rss_mib()
+    engine = sim.runner.engine
+    cohort = sorted(int(c) for c in sim.aggregator.sample_neighbours(0, 100))
+    chunks = engine.chunks(cohort) if engine is not None else [[c] for c in cohort]
+    row = sim.run_round()
+    sim.close()
+    print(json.dumps({"setting": setting, "budget_mib": budget_mb, "chunks": len(chunks),
+                      "largest_chunk": max(len(c) for c in chunks), "round_seconds": row["round_seconds"],
+                      "peak_rss_mib_before_round": before, "peak_rss_mib": peak_rss_mib()}))
+
+
+def engine_memory(workdir: Path, rows: int) -> None:
+    for setting in ("demo_1_epoch", "kaggle_sparse"):
+        for budget in (0, 64, 256, 1024):  # 0: the sequential engine, for comparison
+            out = subprocess.run([sys.executable, __file__, "--child-engine-memory", setting, str(budget),
+                                  "--rows", str(rows), "--workdir", str(workdir)],
+                                 capture_output=True, text=True, cwd=ROOT, check=True)
+            emit(bench="engine_memory", **json.loads(out.stdout.strip().splitlines()[-1]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200_000)
@@ -184,11 +222,20 @@ def main() -> None:
     parser.add_argument("--engines", nargs="*", choices=sorted(ENGINE_SETTINGS),
                         help="only the client-engine comparison, for these settings (none named: all)")
     parser.add_argument("--reduce-blocks", type=int, nargs="+", default=[12, 1])
+    parser.add_argument("--engine-memory", action="store_true",
+                        help="only the vectorized engine's peak memory at a few fl.vectorize_memory_mb budgets")
+    parser.add_argument("--child-engine-memory", nargs=2, metavar=("SETTING", "BUDGET_MB"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp)
         if args.child_scale:
             scale_child(workdir, args.rows, args.child_scale)
+            return
+        if args.child_engine_memory:
+            engine_memory_child(workdir, args.rows, args.child_engine_memory[0], int(args.child_engine_memory[1]))
+            return
+        if args.engine_memory:
+            engine_memory(workdir, args.rows)
             return
         if args.engines is not None:
             engines(workdir, args.rows, args.rounds, args.engines or list(ENGINE_SETTINGS), args.reduce_blocks,

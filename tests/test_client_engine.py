@@ -220,3 +220,19 @@ def test_vectorized_engine_under_mpi_gives_the_local_result(synthetic_data, tmp_
     config["fl"]["backend"] = "mpi"
     simulate(config, tmp_path / "mpi", processes=3)
     assert_same_run(tmp_path / "local", tmp_path / "mpi")
+
+
+def test_simulate_cli_runs_the_engine_and_refuses_a_misfit_in_one_line(config, tmp_path, capsys):
+    from tests.run_helpers import assert_simulate_refuses, cli, write_config
+
+    config["fl"].update({"num_rounds": 1, "client_engine": "auto", "reduce_blocks": 2})
+    path = write_config(config, tmp_path / "vec.yml")
+    status, _, err = cli(capsys, "simulate", "--config", path, "--logdir", tmp_path / "run")
+    assert status == 0, err
+    log = (tmp_path / "run" / "run.log").read_text()
+    assert "client engine: vectorized (dlrm path; blocks of up to 1,024 MiB, SGD local steps; uploads summed" in log
+    config["fl"].update({"client_engine": "vectorized", "fl_algo": {"name": "scaffold"}})
+    (tmp_path / "refused").mkdir()
+    line = assert_simulate_refuses(config, tmp_path / "refused", capsys,
+                                   "fl.client_engine: vectorized cannot run this config")
+    assert "use fl.client_engine: auto" in line
