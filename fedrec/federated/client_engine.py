@@ -307,7 +307,9 @@ class VectorizedEngine:
             where = torch.nonzero(cohort.row_table == t).squeeze(1)
             self._rows_by_table.append(where)
             if where.numel():
-                rows = gather_rows(global_state[name], cohort.row_ids[where])
+                source = global_state[name]
+                device = source.values.device if hasattr(source, "values") else source.device
+                rows = gather_rows(source, cohort.row_ids[where].to(device))
                 table[where.to(self.device)] = rows.to(self.device, table.dtype)
         return params, table
 

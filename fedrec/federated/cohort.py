@@ -92,35 +92,32 @@ def build_cohort(split: Any, visits: Sequence[List[np.ndarray]], client_ids: Seq
         for s, batch in enumerate(batches):
             rows[s, k, :len(batch)] = batch
     real = rows >= 0
-    flat = rows[real]
+    slots = np.flatnonzero(real.reshape(-1))  # [n] flat [step, client, sample] of each real sample
     # read each needed row of the memory-mapped split once, in file order
-    unique, inverse = np.unique(flat, return_inverse=True)
-    dense_rows = np.asarray(split.dense[unique], dtype=np.float32)
-    sparse_rows = np.asarray(split.sparse[unique]).astype(np.int64)
-    label_rows = np.asarray(split.label[unique], dtype=np.float32)
-    dense = np.zeros(rows.shape + (dense_rows.shape[1],), dtype=np.float32)
-    sparse = np.zeros(rows.shape + (num_tables,), dtype=np.int64)
-    label = np.zeros(rows.shape, dtype=np.float32)
-    dense[real] = dense_rows[inverse]
-    sparse[real] = sparse_rows[inverse]
-    label[real] = label_rows[inverse]
+    unique, inverse = np.unique(rows.reshape(-1)[slots], return_inverse=True)
+    sparse_real = np.asarray(split.sparse[unique]).astype(np.int64)[inverse]  # [n, T]
+    dense = np.zeros((rows.size, int(split.dense.shape[1])), dtype=np.float32)
+    dense[slots] = np.asarray(split.dense[unique], dtype=np.float32)[inverse]
+    label = np.zeros(rows.size, dtype=np.float32)
+    label[slots] = np.asarray(split.label[unique], dtype=np.float32)[inverse]
     counts = real.sum(axis=2)
     weight = np.where(real, 1.0 / np.maximum(counts, 1)[:, :, None], 0.0).astype(np.float32)
 
     # block table: one copy of each (client, table, id) a client reads, sorted
-    client_of = np.broadcast_to(np.arange(num_clients)[None, :, None, None], sparse.shape)
-    table_of = np.broadcast_to(np.arange(num_tables)[None, None, None, :], sparse.shape)
-    keys = ((client_of * num_tables + table_of) << _ID_BITS) | sparse
-    mask = np.broadcast_to(real[..., None], sparse.shape)
-    block_keys, block_inverse = np.unique(keys[mask], return_inverse=True)
-    positions = np.zeros(sparse.shape, dtype=np.int64)
-    positions[mask] = block_inverse
+    client_of = (slots // batch_size) % max(num_clients, 1)
+    keys = ((client_of[:, None] * num_tables + np.arange(num_tables)[None, :]) << _ID_BITS) | sparse_real
+    block_keys, block_inverse = np.unique(keys, return_inverse=True)
+    positions = np.zeros((rows.size, num_tables), dtype=np.int64)
+    positions[slots] = block_inverse.reshape(-1, num_tables)
     groups = np.arange(num_clients * num_tables + 1, dtype=np.int64) << _ID_BITS
     starts = np.searchsorted(block_keys, groups).astype(np.int64)  # start of each (client, table)
     segment = starts[np.arange(num_clients)[:, None] * num_tables + np.arange(num_tables + 1)[None, :]]
     active_rows = [int(segment[a - 1, num_tables]) if a else 0 for a in active]
     row_ids = block_keys & ((1 << _ID_BITS) - 1)
     row_table = (block_keys >> _ID_BITS) % max(num_tables, 1)
+    shape = rows.shape
+    dense, positions, label = (dense.reshape(shape + (-1,)), positions.reshape(shape + (num_tables,)),
+                               label.reshape(shape))
 
     def to(array: np.ndarray) -> Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(device)
