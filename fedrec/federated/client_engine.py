@@ -32,7 +32,7 @@ from torch import Tensor
 
 from fedrec.federated.cohort import Cohort, build_cohort, client_visits
 from fedrec.federated.stacked_optim import OptimizerSpec, StackedOptimizer, spec_of
-from fedrec.federated.update import RowUpdate, WeightedUpdate, gather_rows
+from fedrec.federated.update import RowSubset, RowUpdate, WeightedUpdate, gather_rows
 from fedrec.trainers.base_trainer import LocalTrainResult
 from fedrec.utilities.config import ConfigError
 from fedrec.utilities.random_state import derive_seed
@@ -308,7 +308,7 @@ class VectorizedEngine:
             self._rows_by_table.append(where)
             if where.numel():
                 source = global_state[name]
-                device = source.values.device if hasattr(source, "values") else source.device
+                device = source.values.device if isinstance(source, RowSubset) else source.device
                 rows = gather_rows(source, cohort.row_ids[where].to(device))
                 table[where.to(self.device)] = rows.to(self.device, table.dtype)
         return params, table
