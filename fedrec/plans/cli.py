@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from collections.abc import Callable
+from typing import Any
 
 
 def add_plan_parser(sub: Any, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -51,13 +51,13 @@ def add_plan_parser(sub: Any, add_common: Callable[[argparse.ArgumentParser], No
     add_deploy_parsers(inner, add_common)
 
 
-def run_plan_command(args: argparse.Namespace, config_from: Callable[[argparse.Namespace], Dict[str, Any]]
-                     ) -> Optional[int]:
+def run_plan_command(args: argparse.Namespace, config_from: Callable[[argparse.Namespace], dict[str, Any]]
+                     ) -> int | None:
     command = args.plan_command
     common = ("config", "sets", "datafile", "output_file", "max_ind_range")
     if hasattr(args, "config"):  # only the common flags are config keys
         inner = config_from
-        config_from = lambda a: inner(argparse.Namespace(**{k: getattr(a, k) for k in common}))  # noqa: E731
+        config_from = lambda a: inner(argparse.Namespace(**{k: getattr(a, k) for k in common}))
     if command == "export":
         from fedrec.plans.export import describe, export_plan
 
@@ -90,7 +90,7 @@ def run_plan_command(args: argparse.Namespace, config_from: Callable[[argparse.N
     return None
 
 
-def _weights(runner: Any, path: Optional[str]) -> Dict[str, Any]:
+def _weights(runner: Any, path: str | None) -> dict[str, Any]:
     if path is None:
         return runner.initial_weights()
     from safetensors import SafetensorError

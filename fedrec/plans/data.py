@@ -9,8 +9,9 @@ input schema and says what does not fit.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,14 +30,14 @@ class ClientData:
     dense: torch.Tensor
     sparse: torch.Tensor
     label: torch.Tensor
-    metadata: Dict[str, str] = dataclasses.field(default_factory=dict)
+    metadata: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
 
 
 def write_client_data(path: str | Path, dense: np.ndarray, sparse: np.ndarray, label: np.ndarray,
-                      metadata: Optional[Mapping[str, Any]] = None) -> None:
+                      metadata: Mapping[str, Any] | None = None) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     tensors = {"dense": torch.from_numpy(np.array(dense, np.float32, order="C")),
@@ -93,7 +94,7 @@ def read_client_data(path: str | Path, manifest: Mapping[str, Any]) -> ClientDat
     return ClientData(dense.contiguous(), sparse.contiguous(), label.contiguous(), metadata)
 
 
-def export_client_data(config: Dict[str, Any], logdir: Optional[str | Path], out: str | Path,
+def export_client_data(config: dict[str, Any], logdir: str | Path | None, out: str | Path,
                        clients: list[int], splits: list[str]) -> list[Path]:
     """Write ``client-<id>.safetensors`` for each client (its rows in partition order,
     as the simulation visits them) and ``<split>.safetensors`` for each held-out split."""

@@ -19,12 +19,18 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any
 
 import yaml
 
+from fedrec.plans.format import PlanError
 from fedrec.utilities.config import ConfigError
+
+
+class DeploymentError(PlanError):
+    """The loopback deployment could not finish; the message says where its logs are."""
 
 _APP_TOML = """\
 [build-system]
@@ -74,8 +80,8 @@ def add_deploy_parsers(inner: Any, add_common: Callable[[argparse.ArgumentParser
                         help="(testing the policy) that client's ClientApp process exits at the start of that round")
 
 
-def run_deploy_command(args: argparse.Namespace, config_from: Callable[[argparse.Namespace], Dict[str, Any]]
-                       ) -> Optional[int]:
+def run_deploy_command(args: argparse.Namespace, config_from: Callable[[argparse.Namespace], dict[str, Any]]
+                       ) -> int | None:
     config = config_from(args)
     summary = deploy_loopback(config, args.plan, args.data, args.logdir, round_timeout=args.round_timeout,
                               min_clients=args.min_clients, exits=_exits(args.exit_client_at))
@@ -84,7 +90,7 @@ def run_deploy_command(args: argparse.Namespace, config_from: Callable[[argparse
     return None
 
 
-def _exits(values: List[str]) -> Dict[int, int]:
+def _exits(values: list[str]) -> dict[int, int]:
     out = {}
     for value in values:
         try:
@@ -95,7 +101,7 @@ def _exits(values: List[str]) -> Dict[int, int]:
     return out
 
 
-def _free_ports(count: int) -> List[int]:
+def _free_ports(count: int) -> list[int]:
     sockets, ports = [], []
     for _ in range(count):
         s = socket.socket()
@@ -121,12 +127,17 @@ def _client_id(path: Path) -> int:
     return int(value)
 
 
-def deploy_loopback(config: Dict[str, Any], plan: str | Path, data: List[str | Path], logdir: str | Path,
-                    round_timeout: float = 120.0, min_clients: Optional[int] = None,
-                    exits: Optional[Dict[int, int]] = None, timeout: float = 1800.0) -> Dict[str, Any]:
+def deploy_loopback(config: dict[str, Any], plan: str | Path, data: list[str | Path], logdir: str | Path,
+                    round_timeout: float = 120.0, min_clients: int | None = None,
+                    exits: dict[int, int] | None = None, timeout: float = 1800.0) -> dict[str, Any]:
     """Run the loopback deployment to its end; returns ``deployment.json``'s summary."""
+    import importlib.util
+
     from fedrec.plans.format import read_plan
 
+    if importlib.util.find_spec("flwr") is None:
+        raise ConfigError("fedrec plan deploy runs over Flower, which is not installed: "
+                          "pip install -e '.[deploy]' (make install does)")
     plan = Path(plan).resolve()
     read_plan(plan)  # a bad plan fails here, before any process starts
     files = [Path(p).resolve() for p in data]
@@ -159,12 +170,12 @@ def deploy_loopback(config: Dict[str, Any], plan: str | Path, data: List[str | P
                                                         os.environ.get("PYTHONPATH", "")])))
     bin_dir = Path(sys.executable).parent
     env["PATH"] = os.pathsep.join([str(bin_dir), env.get("PATH", "")])  # the SuperLink starts flower-superexec
-    procs: List[subprocess.Popen] = []
+    procs: list[subprocess.Popen] = []
 
-    def start(name: str, argv: List[str]) -> subprocess.Popen:
-        log = open(flower / f"{name}.log", "w")
-        proc = subprocess.Popen(argv, env=env, cwd=flower, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    def start(name: str, argv: list[str]) -> subprocess.Popen:
+        with open(flower / f"{name}.log", "w") as log:  # the child keeps its own descriptor
+            proc = subprocess.Popen(argv, env=env, cwd=flower, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
         procs.append(proc)
         return proc
 
@@ -192,8 +203,12 @@ def deploy_loopback(config: Dict[str, Any], plan: str | Path, data: List[str | P
     summary_file = logdir / "deployment.json"
     if not summary_file.is_file():
         tail = (flower / "flwr-run.log").read_text()[-2000:] if (flower / "flwr-run.log").is_file() else ""
-        raise RuntimeError(f"the deployment ended without a summary; see the logs in {flower}:\n{tail}")
-    return json.loads(summary_file.read_text())
+        raise DeploymentError(f"the deployment ended without a summary; see the logs in {flower}: {tail}")
+    summary = json.loads(summary_file.read_text())
+    if summary.get("error"):
+        raise DeploymentError(f"the ServerApp failed in round {summary['rounds'] + 1}: {summary['error']} "
+                              f"(logs in {flower})")
+    return summary
 
 
 def _wait_port(port: int, proc: subprocess.Popen, log: Path, wait: float = 60.0) -> None:
@@ -201,12 +216,12 @@ def _wait_port(port: int, proc: subprocess.Popen, log: Path, wait: float = 60.0)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the SuperLink exited ({proc.returncode}): {log.read_text()[-2000:]}")
+            raise DeploymentError(f"the SuperLink exited ({proc.returncode}): {log.read_text()[-2000:]}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.2)
-    raise TimeoutError(f"the SuperLink did not listen on port {port} within {wait:g}s; see {log}")
+    raise DeploymentError(f"the SuperLink did not listen on port {port} within {wait:g}s; see {log}")
 
 
 def _wait_done(submit: subprocess.Popen, logdir: Path, flower: Path, timeout: float) -> None:
@@ -217,10 +232,10 @@ def _wait_done(submit: subprocess.Popen, logdir: Path, flower: Path, timeout: fl
         if summary.is_file():
             return
         if submit.poll() is not None and submit.returncode != 0:
-            raise RuntimeError(f"flwr run failed ({submit.returncode}): "
+            raise DeploymentError(f"flwr run failed ({submit.returncode}): "
                                f"{(flower / 'flwr-run.log').read_text()[-2000:]}")
         time.sleep(0.2)
-    raise TimeoutError(f"the deployment did not finish within {timeout:g}s; logs in {flower}")
+    raise DeploymentError(f"the deployment did not finish within {timeout:g}s; logs in {flower}")
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -238,5 +253,5 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.stdout.close()
 
 
-def command_line(argv: List[str]) -> str:
+def command_line(argv: list[str]) -> str:
     return shlex.join(argv)

@@ -19,13 +19,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch
 from safetensors.torch import save as safetensors_save
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from fedrec.plans.format import FORMAT_NAME, FORMAT_VERSION, WEIGHTS, fedrec_version, program_bytes, write_plan
+from fedrec.plans.format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    WEIGHTS,
+    fedrec_version,
+    program_bytes,
+    write_plan,
+)
 from fedrec.utilities.config import ConfigError
 
 TRAIN_STEP = "train_step.pt2"
@@ -37,8 +44,8 @@ _EXAMPLE_BATCH = 11
 _EXAMPLE_ROWS = 1009
 
 
-def export_plan(config: Dict[str, Any], out: str | Path, logdir: Optional[str | Path] = None,
-                config_path: Optional[str] = None) -> Dict[str, Any]:
+def export_plan(config: dict[str, Any], out: str | Path, logdir: str | Path | None = None,
+                config_path: str | None = None) -> dict[str, Any]:
     """Write the plan of ``config`` to ``out``; the weights are ``logdir``'s newest
     checkpoint's global model (a run to continue), else the simulation's initial model.
     Returns the manifest."""
@@ -148,7 +155,7 @@ def check_exportable(runner: Any) -> None:
         raise ConfigError("plans do not carry private user tables")
 
 
-def _start_weights(runner: Any, logdir: Optional[str | Path]) -> Tuple[Dict[str, torch.Tensor], int, str]:
+def _start_weights(runner: Any, logdir: str | Path | None) -> tuple[dict[str, torch.Tensor], int, str]:
     """The global model the plan starts from, its round, and where it came from."""
     model_state = {k: v.detach().clone() for k, v in runner.model.state_dict().items()}
     if logdir is None:
@@ -173,7 +180,7 @@ def _start_weights(runner: Any, logdir: Optional[str | Path]) -> Tuple[Dict[str,
     return {k: v.detach().clone() for k, v in state.items()}, int(loaded.state.get("round", 0)), str(loaded.path)
 
 
-def _tables(model: torch.nn.Module) -> List[Dict[str, Any]]:
+def _tables(model: torch.nn.Module) -> list[dict[str, Any]]:
     from fedrec.modules.embeddings import TorchBagEmbedding
 
     out = []
@@ -184,14 +191,14 @@ def _tables(model: torch.nn.Module) -> List[Dict[str, Any]]:
     return out
 
 
-def export_programs(model: torch.nn.Module, names: List[str], lr: float,
-                    dynamic_tables: bool) -> Tuple[bytes, bytes]:
+def export_programs(model: torch.nn.Module, names: list[str], lr: float,
+                    dynamic_tables: bool) -> tuple[bytes, bytes]:
     """(train step, evaluate) as ``.pt2`` bytes."""
     table_names = {name for name, _ in model.sparse_tables()}
     params = dict(model.named_parameters())
     lr = float(lr)
 
-    def loss_of(weights: List[torch.Tensor], dense: torch.Tensor, sparse: torch.Tensor,
+    def loss_of(weights: list[torch.Tensor], dense: torch.Tensor, sparse: torch.Tensor,
                 label: torch.Tensor) -> torch.Tensor:
         probs = torch.func.functional_call(model, dict(zip(names, weights)), (dense, sparse))
         return model.loss(probs, label)
@@ -231,7 +238,7 @@ def export_programs(model: torch.nn.Module, names: List[str], lr: float,
             eval_graph = make_fx(evaluate, tracing_mode="symbolic", _allow_non_fake_inputs=True)(example, dense, sparse)
         eval_program = torch.export.export(_EvalGraph(eval_graph), (example, dense, sparse),
                                            dynamic_shapes=(weight_dims, {0: batch_dim}, {0: batch_dim}))
-    except Exception as err:  # noqa: BLE001 - a model torch.export cannot take: say which
+    except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"plan export: torch.export cannot export this model's train step ({first})") from err
     finally:
@@ -247,7 +254,7 @@ class _StepGraph(torch.nn.Module):
         super().__init__()
         self.graph_module = graph
 
-    def forward(self, weights: List[torch.Tensor], dense: torch.Tensor, sparse: torch.Tensor,
+    def forward(self, weights: list[torch.Tensor], dense: torch.Tensor, sparse: torch.Tensor,
                 label: torch.Tensor) -> Any:
         return self.graph_module(weights, dense, sparse, label)
 
@@ -255,11 +262,11 @@ class _StepGraph(torch.nn.Module):
 class _EvalGraph(_StepGraph):
     """The traced forward, likewise."""
 
-    def forward(self, weights: List[torch.Tensor], dense: torch.Tensor, sparse: torch.Tensor) -> Any:  # type: ignore[override]
+    def forward(self, weights: list[torch.Tensor], dense: torch.Tensor, sparse: torch.Tensor) -> Any:  # type: ignore[override]
         return self.graph_module(weights, dense, sparse)
 
 
-def describe(manifest: Dict[str, Any]) -> str:
+def describe(manifest: dict[str, Any]) -> str:
     """One paragraph for the command line."""
     params = sum(int(torch.Size(p["shape"]).numel()) for p in manifest["model"]["parameters"])
     train = manifest["train"]
@@ -272,5 +279,5 @@ def describe(manifest: Dict[str, Any]) -> str:
             f"sha256 {manifest['checksum'][:16]}")
 
 
-def manifest_json(manifest: Dict[str, Any]) -> str:
+def manifest_json(manifest: dict[str, Any]) -> str:
     return json.dumps(manifest, indent=1, sort_keys=True)

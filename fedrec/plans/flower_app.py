@@ -27,10 +27,17 @@ import os
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -44,7 +51,7 @@ client_app = ClientApp()
 server_app = ServerApp()
 
 # -- client side --------------------------------------------------------------------------------
-_RUNNERS: Dict[Tuple[str, str], Any] = {}
+_RUNNERS: dict[tuple[str, str], Any] = {}
 
 
 def _client(context: Context):
@@ -60,11 +67,11 @@ def _client(context: Context):
     return _RUNNERS[key]
 
 
-def _tensors(record: ArrayRecord) -> Dict[str, torch.Tensor]:
+def _tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return dict(record.to_torch_state_dict()) if len(record) else {}
 
 
-def _array_record(tensors: Dict[str, torch.Tensor]) -> ArrayRecord:
+def _array_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
     if not tensors:
         return ArrayRecord()
     return ArrayRecord(OrderedDict((k, v.detach().contiguous()) for k, v in tensors.items()))
@@ -93,7 +100,7 @@ def train(msg: Message, context: Context) -> Message:
     if client_id != int(context.node_config["client-id"]) or str(config["plan"]) != runner.checksum:
         raise ValueError(f"this node runs client {context.node_config['client-id']} with plan "
                          f"{runner.checksum[:12]}; the server sent client {client_id}, plan {str(config['plan'])[:12]}")
-    weights: Dict[str, Any] = _tensors(msg.content["weights"])
+    weights: dict[str, Any] = _tensors(msg.content["weights"])
     if runner.sparse_mode:
         for name, ids in runner.rows_needed(data).items():
             weights[name] = RowSubset(ids, weights[name], int(runner.tables[name]["rows"]))
@@ -115,12 +122,12 @@ class FlowerBackend(Backend):
 
     name = "flower"
 
-    def __init__(self, grid: Grid, nodes: Dict[int, int], rows: Dict[int, Dict[str, torch.Tensor]],
+    def __init__(self, grid: Grid, nodes: dict[int, int], rows: dict[int, dict[str, torch.Tensor]],
                  plan_checksum: str, round_timeout: float, min_clients: int) -> None:
         self.grid, self.nodes, self.rows = grid, nodes, rows
         self.plan = plan_checksum
         self.round_timeout, self.min_clients = float(round_timeout), int(min_clients)
-        self.dropped: List[Tuple[int, int, str]] = []  # (round, client, why)
+        self.dropped: list[tuple[int, int, str]] = []  # (round, client, why)
 
     def run_round(self, context, blocks, global_state):
         from fedrec.federated.virtual_clock import RoundAbandoned
@@ -138,7 +145,7 @@ class FlowerBackend(Backend):
                                                           "plan": self.plan})})
             messages[cid] = Message(content=content, message_type="train", dst_node_id=self.nodes[cid])
         by_node = {node: cid for cid, node in self.nodes.items()}
-        replies: Dict[int, Message] = {}
+        replies: dict[int, Message] = {}
         for reply in self.grid.send_and_receive(list(messages.values()), timeout=self.round_timeout):
             cid = by_node.get(reply.metadata.src_node_id)
             if cid is None:
@@ -168,7 +175,7 @@ class FlowerBackend(Backend):
             result.block_updates.append((block_index, block))
         return [result]
 
-    def _update_of(self, cid: int, reply: Message, global_state: Dict[str, Any]) -> Tuple[WeightedUpdate, ClientStats]:
+    def _update_of(self, cid: int, reply: Message, global_state: dict[str, Any]) -> tuple[WeightedUpdate, ClientStats]:
         tensors = _tensors(reply.content["update"])
         metrics = reply.content["metrics"]
         weight = float(metrics["sample-num"])
@@ -189,10 +196,10 @@ class FlowerBackend(Backend):
 
 
 def _discover(grid: Grid, num_clients: int, plan_checksum: str, wait: float
-              ) -> Tuple[Dict[int, int], Dict[int, Dict[str, torch.Tensor]]]:
+              ) -> tuple[dict[int, int], dict[int, dict[str, torch.Tensor]]]:
     """Wait for ``num_clients`` SuperNodes; ask each which client it is and its rows."""
     deadline = time.monotonic() + wait
-    node_ids: List[int] = []
+    node_ids: list[int] = []
     while time.monotonic() < deadline:
         node_ids = list(grid.get_node_ids())
         if len(node_ids) >= num_clients:
@@ -202,8 +209,8 @@ def _discover(grid: Grid, num_clients: int, plan_checksum: str, wait: float
         raise RuntimeError(f"{len(node_ids)} of {num_clients} SuperNodes connected within {wait:g}s")
     messages = [Message(content=RecordDict({"config": ConfigRecord({"plan": plan_checksum})}),
                         message_type="query", dst_node_id=node) for node in node_ids]
-    nodes: Dict[int, int] = {}
-    rows: Dict[int, Dict[str, torch.Tensor]] = {}
+    nodes: dict[int, int] = {}
+    rows: dict[int, dict[str, torch.Tensor]] = {}
     for reply in grid.send_and_receive(messages, timeout=wait):
         if reply.has_error():
             raise RuntimeError(f"SuperNode {reply.metadata.src_node_id} cannot run the plan: {reply.error.reason}")
@@ -224,13 +231,18 @@ def _discover(grid: Grid, num_clients: int, plan_checksum: str, wait: float
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
     """fedrec's rounds over the connected SuperNodes (run config: see ``deploy.py``)."""
+    serve(grid, context.run_config)
+
+
+def serve(grid: Any, run: Any) -> dict[str, Any]:
+    """The ServerApp's work on any grid (tests pass one of their own); returns the
+    summary it writes to ``<logdir>/deployment.json``."""
     import yaml
 
     from fedrec.federated.simulation import Simulation
     from fedrec.plans.format import read_plan
     from fedrec.utilities.logger import RunLogger
 
-    run = context.run_config
     config = yaml.safe_load(Path(str(run["fedrec-config"])).read_text())
     logdir = Path(str(run["logdir"]))
     plan = read_plan(str(run["plan"]))
@@ -242,7 +254,7 @@ def main(grid: Grid, context: Context) -> None:
     logger = RunLogger(logdir, console=False)
     sim = Simulation(config, logdir, logger=logger, backend=backend)
     start_round = int(plan.manifest["source"]["round"])
-    if start_round:
+    if start_round:  # a plan exported from a run continues it
         from fedrec.plans.runner import PlanRunner
 
         sim.update_model(sim.aggregator, PlanRunner(plan).initial_weights())
@@ -250,7 +262,7 @@ def main(grid: Grid, context: Context) -> None:
     error = None
     try:
         sim.run()
-    except Exception as err:  # noqa: BLE001 - reported to `fedrec plan deploy` through the summary
+    except Exception as err:
         import traceback
 
         error = f"{type(err).__name__}: {err}"
@@ -264,3 +276,4 @@ def main(grid: Grid, context: Context) -> None:
         tmp.write_text(json.dumps(summary, indent=1))
         tmp.replace(logdir / "deployment.json")
         logger.close()
+    return summary

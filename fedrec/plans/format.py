@@ -17,8 +17,9 @@ import hashlib
 import io
 import json
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Dict, Mapping
+from typing import Any
 
 import torch
 
@@ -49,8 +50,8 @@ class PlanFile:
     """A plan's members as bytes (read and checked, nothing executed yet)."""
 
     path: Path
-    manifest: Dict[str, Any]
-    members: Dict[str, bytes]
+    manifest: dict[str, Any]
+    members: dict[str, bytes]
 
     @property
     def checksum(self) -> str:
@@ -58,7 +59,7 @@ class PlanFile:
         return sha256(self.members[MANIFEST])
 
 
-def write_plan(path: Path, manifest: Dict[str, Any], members: Mapping[str, bytes]) -> str:
+def write_plan(path: Path, manifest: dict[str, Any], members: Mapping[str, bytes]) -> str:
     """Write the plan through a temporary file (never half-written); returns its checksum."""
     manifest = dict(manifest, files={name: sha256(data) for name, data in sorted(members.items())})
     manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
@@ -153,12 +154,12 @@ def check_program_archive(data: bytes, name: str, plan: Path) -> None:
     where = f"plan {plan}: program {name}"
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            files = {info.filename: info for info in archive.infolist()}
-            for filename in files:
+            for info in archive.infolist():
+                filename = info.filename
                 inner = filename.split("/", 1)[1] if "/" in filename else filename
                 if not (inner.startswith(_PT2_PREFIXES) or inner in _PT2_FILES):
                     raise PlanError(f"{where} holds an unexpected file {filename}")
-                if inner.startswith("data/sample_inputs/") and files[filename].file_size:
+                if inner.startswith("data/sample_inputs/") and info.file_size:
                     raise PlanError(f"{where} carries pickled sample inputs; fedrec plans never do")
                 if inner.endswith("_config.json"):
                     config = json.loads(archive.read(filename))

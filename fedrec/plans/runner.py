@@ -14,8 +14,9 @@ import dataclasses
 import itertools
 import math
 import operator
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,17 +59,17 @@ class PlanRunner:
         programs = m["programs"]
         self._train = self._program(programs["train_step"]["file"])
         self._evaluate = self._program(programs["validate"]["file"])
-        self.names: List[str] = [p["name"] for p in m["model"]["parameters"]]
+        self.names: list[str] = [p["name"] for p in m["model"]["parameters"]]
         self.shapes = {p["name"]: tuple(p["shape"]) for p in m["model"]["parameters"]}
-        self.tables: Dict[str, Dict[str, Any]] = {t["name"]: t for t in m["model"]["tables"]}
+        self.tables: dict[str, dict[str, Any]] = {t["name"]: t for t in m["model"]["tables"]}
         self.table_of_feature = {t["feature"]: t["name"] for t in m["model"]["tables"]}
         self.sparse_mode = m["update"]["embedding_updates"] == "sparse"
         self.value_bytes = int(m["update"]["value_bytes"])
         train = m["train"]
         self.seed = int(train["seed"])
         self.batch_size = int(train["local_batch_size"])
-        self.local_epochs: Optional[int] = train["local_epochs"]
-        self.local_steps: Optional[int] = train["local_steps"]
+        self.local_epochs: int | None = train["local_epochs"]
+        self.local_steps: int | None = train["local_steps"]
 
     @property
     def checksum(self) -> str:
@@ -86,7 +87,7 @@ class PlanRunner:
                                 "a fedrec plan uses; refused")
         return program.module()
 
-    def initial_weights(self) -> Dict[str, torch.Tensor]:
+    def initial_weights(self) -> dict[str, torch.Tensor]:
         """The global model the plan was exported with."""
         weights = safetensors_load(self.file.members[WEIGHTS])
         missing = [n for n in self.names if n not in weights]
@@ -95,33 +96,31 @@ class PlanRunner:
         return {n: weights[n] for n in self.names}
 
     # -- rows -------------------------------------------------------------------------------
-    def rows_needed(self, data: ClientData) -> Dict[str, torch.Tensor]:
+    def rows_needed(self, data: ClientData) -> dict[str, torch.Tensor]:
         """Per table, the sorted unique rows the data read (what a sparse client downloads)."""
         return {self.table_of_feature[t]: torch.unique(data.sparse[:, t])
                 for t in sorted(self.table_of_feature)}
 
     def _local_model(self, weights: Mapping[str, Any], data: ClientData):
-        """(parameter list, sparse ids for it, rows per table or None): whole tables, or
-        in sparse mode each table cut to the client's rows and its ids renumbered."""
+        """(parameter list, sparse ids for it, rows per table or None): each table cut to
+        the rows the client's data read and its ids renumbered (only those rows can
+        change, so this is exact, and it spares a table-sized gradient per step); whole
+        tables where a table maps ids to rows otherwise (dense mode only)."""
         missing = [n for n in self.names if n not in weights]
         if missing:
             raise PlanError(f"weights for plan {self.path} lack {missing[:3]}")
-        if not self.sparse_mode:
-            params = []
-            for name in self.names:
-                tensor = weights[name]
+        cut = self.sparse_mode or all(t["row_map"] == "identity" for t in self.tables.values())
+        rows = self.rows_needed(data) if cut else {}
+        sparse = data.sparse.clone() if cut else data.sparse
+        params = []
+        for name in self.names:
+            tensor = weights[name]
+            if not self.sparse_mode:
                 if isinstance(tensor, RowSubset):
                     raise PlanError(f"plan {self.path} is a dense-mode plan: {name} must be the whole table")
                 if tuple(tensor.shape) != self.shapes[name]:
                     raise PlanError(f"weights: {name} has shape {list(tensor.shape)}, the plan "
                                     f"{list(self.shapes[name])}")
-                params.append(tensor.detach().to(torch.float32).clone())
-            return params, data.sparse, None
-        rows = self.rows_needed(data)
-        sparse = data.sparse.clone()
-        params = []
-        for name in self.names:
-            tensor = weights[name]
             if name in rows:
                 ids = rows[name]
                 try:
@@ -130,10 +129,10 @@ class PlanRunner:
                     raise PlanError(f"weights for {name} lack rows this client's data read") from None
                 feature = self.tables[name]["feature"]
                 sparse[:, feature] = torch.searchsorted(ids, data.sparse[:, feature].contiguous())
-                params.append(values.detach().clone())
+                params.append(values.detach().to(torch.float32).clone())
             else:
-                params.append(tensor.detach().clone())
-        return params, sparse, rows
+                params.append(tensor.detach().to(torch.float32).clone())
+        return params, sparse, (rows if cut else None)
 
     # -- train and evaluate -------------------------------------------------------------------
     def train(self, weights: Mapping[str, Any], data: ClientData, round_idx: int, client_id: int) -> ClientResult:
@@ -166,13 +165,16 @@ class PlanRunner:
             raise DataError(f"client {client_id}, round {round_idx}: local training diverged (nan/inf weights); "
                             "lower fl.local_lr and export the plan again")
         weight = float(n)
-        dense: Dict[str, torch.Tensor] = {}
-        row_updates: Dict[str, RowUpdate] = {}
+        dense: dict[str, torch.Tensor] = {}
+        row_updates: dict[str, RowUpdate] = {}
         for name, trained, before in zip(self.names, params, start):
             delta = (trained - before).mul_(weight)
-            if rows is not None and name in rows:
+            if rows is not None and name in rows and self.sparse_mode:
                 ids = rows[name]
                 row_updates[name] = RowUpdate(ids, delta, torch.full((ids.numel(),), weight, dtype=torch.float64))
+            elif rows is not None and name in rows:  # dense mode uploads the whole table's delta
+                whole = torch.zeros(self.shapes[name], dtype=delta.dtype)
+                dense[name] = whole.index_copy_(0, rows[name], delta)
             else:
                 dense[name] = delta
         update = WeightedUpdate(dense, row_updates, weight, 1)
@@ -187,7 +189,7 @@ class PlanRunner:
                 out.append(self._evaluate(params, data.dense[lo:lo + batch_size], sparse[lo:lo + batch_size]))
         return torch.cat(out) if out else torch.zeros(0)
 
-    def evaluate(self, weights: Mapping[str, Any], data: ClientData) -> Dict[str, float]:
+    def evaluate(self, weights: Mapping[str, Any], data: ClientData) -> dict[str, float]:
         """The simulator's metrics (ROC AUC, log loss, ...) of ``weights`` on ``data``."""
         from fedrec.utilities.metrics import compute_metrics
 
