@@ -4,7 +4,7 @@ against the simulator's for the same clients, in one process.
     .venv/bin/python benchmarks/plan_runner.py [--rows 100000] [--clients 30]
 
 The demo DLRM of configs/dlrm_fl.yml (26 tables of up to 10,000 rows, dimension 16),
-1,000 workers, 1 local epoch of batch 32, FedAvg, in dense and in sparse mode. For each
+1,000 workers, 5 local epochs of batch 32, FedAvg, in dense and in sparse mode. For each
 of ``--clients`` clients the simulator's client (``ClientRunner.run_job``: weight
 loading, local training, the upload) and the plan runner (``PlanRunner.train``: the
 same, from the plan's exported program) run in turn on the same global weights, so
@@ -97,7 +97,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp)
         config = make_data(workdir, args.rows, max_ind_range=args.max_ind_range)
-        config["fl"].update({"local_epochs": 1, "local_batch_size": 32, "num_workers": 1000})
+        config["fl"].update({"local_batch_size": 32, "num_workers": 1000})  # dlrm_fl.yml: 5 local epochs
         results = [_bench(config, workdir, mode, args.clients) for mode in ("dense", "sparse")]
     emit(kind="summary", ratios={r["mode"]: r["runner_over_simulator"] for r in results},
          identical=all(r["updates_identical"] for r in results), median_ratio=statistics.median(

@@ -251,6 +251,10 @@ def test_export_refuses_what_a_plan_cannot_carry(plans, tmp_path):
     with pytest.raises(ConfigError, match="fl.local_optimizer.*plain sgd"):
         export_plan(config, tmp_path / "x.plan")
     assert not (tmp_path / "x.plan").exists()
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="already exists and is not a fedrec plan"):
+        export_plan(plans["config"], tmp_path / "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 # -- the command line ----------------------------------------------------------------------------------

@@ -49,6 +49,12 @@ def export_plan(config: dict[str, Any], out: str | Path, logdir: str | Path | No
     """Write the plan of ``config`` to ``out``; the weights are ``logdir``'s newest
     checkpoint's global model (a run to continue), else the simulation's initial model.
     Returns the manifest."""
+    out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give the plan file's path, e.g. {out / 'client.plan'}")
+    if out.exists() and not _is_plan(out):
+        raise ConfigError(f"--out {out} already exists and is not a fedrec plan; choose a new path or remove it "
+                          "yourself")
     from fedrec.federated.client_runner import build_client_runner
 
     runner = build_client_runner(config, None, config_path, new_partition=True)
@@ -97,6 +103,8 @@ def export_plan(config: dict[str, Any], out: str | Path, logdir: str | Path | No
             "local_steps": fl.local_steps,
             "local_batch_size": int(fl.local_batch_size),
             "seed": int(fl.seed),
+            # the simulator trains clients with this many torch threads (sums can depend on it)
+            "threads": int(fl.client_threads),
             "order": "client seed = derive_seed(seed, round, client); epoch e visits the client's rows in "
                      "numpy default_rng(derive_seed(client seed, e)).permutation order, last batch partial",
         },
@@ -117,12 +125,22 @@ def export_plan(config: dict[str, Any], out: str | Path, logdir: str | Path | No
     members = {TRAIN_STEP: train_step, EVALUATE: evaluate,
                WEIGHTS: safetensors_save({n: weights[n].contiguous() for n in names},
                                          metadata={"round": str(start_round)})}
-    out = Path(out)
-    if out.is_dir():
-        raise ConfigError(f"--out {out} is a folder; give the plan file's path, e.g. {out / 'client.plan'}")
     out.parent.mkdir(parents=True, exist_ok=True)
     checksum = write_plan(out, manifest, members)
     return dict(manifest, checksum=checksum, bytes=out.stat().st_size)
+
+
+def _is_plan(path: Path) -> bool:
+    """Whether ``path`` is a plan (an earlier export may be replaced, nothing else)."""
+    import zipfile
+
+    from fedrec.plans.format import MANIFEST
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return json.loads(archive.read(MANIFEST)).get("format") == FORMAT_NAME
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return False
 
 
 def check_exportable(runner: Any) -> None:

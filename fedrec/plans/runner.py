@@ -10,11 +10,12 @@ then holds just those rows, as ``RowSubset``s, and the program trains on them al
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
 import operator
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ class PlanRunner:
         self.manifest = m = self.file.manifest
         self.path = self.file.path
         programs = m["programs"]
-        self._train = self._program(programs["train_step"]["file"])
+        self._step = self._program(programs["train_step"]["file"])
         self._evaluate = self._program(programs["validate"]["file"])
         self.names: list[str] = [p["name"] for p in m["model"]["parameters"]]
         self.shapes = {p["name"]: tuple(p["shape"]) for p in m["model"]["parameters"]}
@@ -70,6 +71,7 @@ class PlanRunner:
         self.batch_size = int(train["local_batch_size"])
         self.local_epochs: int | None = train["local_epochs"]
         self.local_steps: int | None = train["local_steps"]
+        self.threads = int(train.get("threads", 1))
 
     @property
     def checksum(self) -> str:
@@ -136,7 +138,14 @@ class PlanRunner:
 
     # -- train and evaluate -------------------------------------------------------------------
     def train(self, weights: Mapping[str, Any], data: ClientData, round_idx: int, client_id: int) -> ClientResult:
-        """One round of local training from ``weights``; the upload and its counts."""
+        """One round of local training from ``weights``; the upload and its counts (with
+        the simulator's client thread count: more threads can change the sums' bits, and
+        on a busy machine they oversubscribe the cores)."""
+        with _torch_threads(self.threads):
+            return self._train_round(weights, data, round_idx, client_id)
+
+    def _train_round(self, weights: Mapping[str, Any], data: ClientData, round_idx: int,
+                     client_id: int) -> ClientResult:
         params, sparse, rows = self._local_model(weights, data)
         start = [p.clone() for p in params]
         n = len(data)
@@ -154,7 +163,7 @@ class PlanRunner:
                     if self.local_steps is not None and steps >= self.local_steps:
                         break
                     idx = order[lo:lo + self.batch_size]
-                    out = self._train(params, data.dense[idx], sparse[idx], data.label[idx])
+                    out = self._step(params, data.dense[idx], sparse[idx], data.label[idx])
                     params, loss = list(out[0]), out[1]
                     size = int(idx.numel())
                     loss_sum += loss.detach() * size
@@ -184,7 +193,7 @@ class PlanRunner:
         """Click probabilities of ``weights`` on ``data`` (validate and test)."""
         params, sparse, _ = self._local_model(weights, data)
         out = []
-        with torch.no_grad():
+        with torch.no_grad(), _torch_threads(self.threads):
             for lo in range(0, len(data), batch_size):
                 out.append(self._evaluate(params, data.dense[lo:lo + batch_size], sparse[lo:lo + batch_size]))
         return torch.cat(out) if out else torch.zeros(0)
@@ -208,3 +217,15 @@ class PlanRunner:
             else:
                 total += int(np.prod(shape)) * self.value_bytes
         return total
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    if count != previous:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
