@@ -129,11 +129,7 @@ def test_sparse_rows_over_a_grid_equal_the_sparse_simulation(deployment, tmp_pat
     model, the bytes counted and the metrics equal the sparse simulation's."""
     config = copy.deepcopy(deployment["config"])
     config["fl"].update({"embedding_updates": "sparse", "num_rounds": 1})
-    root = tmp_path / "sparse"
-    root.mkdir()
-    export_plan(config, root / "client.plan")
-    (root / "data").symlink_to(deployment["root"] / "data")
-    (root / "config.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+    root = _plan_root(deployment, tmp_path / "sparse", config)
     sim = Simulation(copy.deepcopy(config), tmp_path / "simulated", logger=MemoryLogger())
     history = sim.run()
     sim.close()
@@ -154,6 +150,31 @@ def test_sparse_rows_over_a_grid_equal_the_sparse_simulation(deployment, tmp_pat
     table = "sparse_arch.tables.0.weight"
     full_rows = sim.global_state[table].shape[0]
     assert all(m.content["weights"][table].shape[0] < full_rows for m in sent)  # only the client's rows went down
+
+
+def _plan_root(deployment, root: Path, config, logdir=None) -> Path:
+    """A folder like the fixture's (plan, config, the same client data) for ``config``."""
+    root.mkdir()
+    export_plan(config, root / "client.plan", logdir=logdir)
+    (root / "data").symlink_to(deployment["root"] / "data")
+    (root / "config.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return root
+
+
+def test_a_plan_exported_from_a_run_continues_it(deployment, tmp_path, task_identity):
+    """Export from the simulation's round-2 checkpoint, deploy round 3: the server resumes
+    that checkpoint (FedAdam's moments too) and ends where a 3-round simulation ends."""
+    config = copy.deepcopy(deployment["config"])
+    config["fl"]["num_rounds"] = 3
+    root = _plan_root(deployment, tmp_path / "continued", config, logdir=deployment["root"] / "simulated")
+    sim = Simulation(copy.deepcopy(config), tmp_path / "simulated", logger=MemoryLogger())
+    sim.run()
+    sim.close()
+    summary = _serve({"root": root}, tmp_path / "run", FakeGrid(root))
+    assert summary["rounds"] == 3
+    deployed = _checkpoints(tmp_path / "run")
+    assert sorted(deployed) == [3]
+    _assert_same(_checkpoints(tmp_path / "simulated")[3], deployed[3])
 
 
 def test_a_silent_or_failing_client_is_dropped_or_the_round_abandoned(deployment, tmp_path, task_identity):

@@ -195,7 +195,8 @@ def _start_weights(runner: Any, logdir: str | Path | None) -> tuple[dict[str, to
         if tuple(tensor.shape) != tuple(model_state[name].shape):
             raise ConfigError(f"checkpoint {loaded.path}: {name} has shape {list(tensor.shape)}, this config's "
                               f"model {list(model_state[name].shape)}; export with the run's config")
-    return {k: v.detach().clone() for k, v in state.items()}, int(loaded.state.get("round", 0)), str(loaded.path)
+    return ({k: v.detach().clone() for k, v in state.items()}, int(loaded.state.get("round", 0)),
+            str(Path(loaded.path).resolve()))
 
 
 def _tables(model: torch.nn.Module) -> list[dict[str, Any]]:

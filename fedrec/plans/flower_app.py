@@ -228,6 +228,36 @@ def _discover(grid: Grid, num_clients: int, plan_checksum: str, wait: float
     return nodes, rows
 
 
+def _continue_from(sim: Any, plan: Any) -> None:
+    """Start at the plan's round from its weights; with the checkpoint it was exported from
+    at hand (and unchanged), resume that checkpoint whole, so that the server's state
+    (a server optimizer's moments, the postprocessors') continues too."""
+    from fedrec.plans.runner import PlanRunner
+    from fedrec.utilities.checkpoint import (
+        CheckpointError,
+        CheckpointManager,
+        LoadedCheckpoint,
+    )
+
+    weights = PlanRunner(plan).initial_weights()
+    start_round = int(plan.manifest["source"]["round"])
+    source = Path(str(plan.manifest["source"]["weights"]))
+    state = None
+    if source.is_file():
+        try:
+            state = CheckpointManager.load(source)
+        except CheckpointError:
+            state = None
+    if (state is not None and int(state.get("round", -1)) == start_round
+            and all(torch.equal(weights[k], state["global"][k]) for k in weights)):
+        sim.resume(LoadedCheckpoint(start_round, source, state))
+        return
+    log.warning("starting at round %d from the plan's weights; the server's state starts afresh (the checkpoint "
+                "%s is not here or has changed)", start_round, source)
+    sim.update_model(sim.aggregator, weights)
+    sim.round_idx = start_round
+
+
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
     """fedrec's rounds over the connected SuperNodes (run config: see ``deploy.py``)."""
@@ -253,12 +283,8 @@ def serve(grid: Any, run: Any) -> dict[str, Any]:
     backend = FlowerBackend(grid, nodes, rows, plan.checksum, float(run["round-timeout"]), int(run["min-clients"]))
     logger = RunLogger(logdir, console=False)
     sim = Simulation(config, logdir, logger=logger, backend=backend)
-    start_round = int(plan.manifest["source"]["round"])
-    if start_round:  # a plan exported from a run continues it
-        from fedrec.plans.runner import PlanRunner
-
-        sim.update_model(sim.aggregator, PlanRunner(plan).initial_weights())
-        sim.round_idx = start_round
+    if int(plan.manifest["source"]["round"]):  # a plan exported from a run continues it
+        _continue_from(sim, plan)
     error = None
     try:
         sim.run()
