@@ -199,9 +199,19 @@ def test_a_silent_or_failing_client_is_dropped_or_the_round_abandoned(deployment
 
 
 def test_a_client_of_another_plan_is_refused(deployment, tmp_path, task_identity):
-    config = copy.deepcopy(deployment["config"])
-    config["fl"]["local_lr"] = 0.2
-    export_plan(config, tmp_path / "other.plan")
+    import zipfile
+
+    from fedrec.plans.format import CHECKSUM, MANIFEST, sha256
+
+    with zipfile.ZipFile(deployment["root"] / "client.plan") as src, \
+            zipfile.ZipFile(tmp_path / "other.plan", "w") as dst:  # the same plan, another identity
+        members = {i.filename: src.read(i) for i in src.infolist()}
+        manifest = json.loads(members[MANIFEST])
+        manifest["source"]["config"] = "another.yml"
+        members[MANIFEST] = json.dumps(manifest).encode()
+        members[CHECKSUM] = sha256(members[MANIFEST]).encode()
+        for name, data in members.items():
+            dst.writestr(name, data)
     grid = FakeGrid(deployment["root"])
     run = {"fedrec-config": str(deployment["root"] / "config.yml"), "logdir": str(tmp_path / "run"),
            "plan": str(tmp_path / "other.plan"), "round-timeout": 5.0, "connect-timeout": 5.0, "min-clients": 3}
