@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="what each point runs (default: simulate)")
     sweep.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                        help="override a base config key for every point")
+
+    from fedrec.plans.cli import add_plan_parser
+
+    add_plan_parser(sub, _add_common)
     return parser
 
 
@@ -230,6 +234,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> Optional[int]:
+    from fedrec.plans.cli import run_plan_command
+
+    return run_plan_command(args, lambda a: _config_from(a, FL_FLAG_PATHS))
+
+
 COMMANDS: Dict[str, Callable[[argparse.Namespace], Optional[int]]] = {
     "synth": _cmd_synth,
     "synth-ratings": _cmd_synth_ratings,
@@ -238,6 +248,7 @@ COMMANDS: Dict[str, Callable[[argparse.Namespace], Optional[int]]] = {
     "simulate": _cmd_simulate,
     "report": _cmd_report,
     "sweep": _cmd_sweep,
+    "plan": _cmd_plan,
 }
 
 
@@ -258,6 +269,7 @@ def user_error(err: BaseException, args: argparse.Namespace) -> Optional[Tuple[i
     from fedrec.data.errors import DataError
     from fedrec.federated.client_runner import ClientError
     from fedrec.federated.mpi_backend import MPIProcessError
+    from fedrec.plans.format import PlanError
     from fedrec.report.runs import ReportError
     from fedrec.utilities.checkpoint import CheckpointError
     from fedrec.utilities.divergence import DivergedError
@@ -278,7 +290,7 @@ def user_error(err: BaseException, args: argparse.Namespace) -> Optional[Tuple[i
         return 1, (f"{command}: a client failed: {err}\n  the last round's checkpoint is intact: "
                    f"fix the cause and resume with: {resume_command(args)}")
     if isinstance(err, (ConfigError, ConfigTypeError, DataError, RegistryError, CheckpointError,
-                        DivergedError, LogdirBusyError, ReportError)):
+                        DivergedError, LogdirBusyError, ReportError, PlanError)):
         return 2, f"{command}: error: {err}"
     if isinstance(err, OSError):
         return 2, f"{command}: error: {_os_error(err, args)}"
