@@ -117,6 +117,7 @@ def test_dlrm_clients_equal_sequential_training(config, fl, local_optimizer):
     sizes = runner.partition.sizes
     clients = [c for c in range(16) if sizes[c] > 0][:10]
     assert len({-(-int(sizes[c]) // runner.fl.local_batch_size) for c in clients}) > 1  # masking is exercised
+    runner.engine.micro_clients = 3  # steps in several forward/backward passes (one optimizer step)
     _check_engine_against_sequential(runner, clients, relative)
 
 

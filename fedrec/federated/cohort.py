@@ -34,7 +34,7 @@ class Cohort:
     steps: np.ndarray  # int64 [K] steps each client takes
     active: List[int]  # [S] clients still training at each step (a prefix)
     dense: Tensor  # float32 [S, K, B, D]
-    positions: Tensor  # int64 [S, K, B, T] block-table row of each lookup (padding: 0)
+    positions: Tensor  # int64 [S, K, B, T] block-table row of each lookup (padding: the client's first row)
     label: Tensor  # float32 [S, K, B]
     weight: Tensor  # float32 [S, K, B] 1/m for the m real samples of a batch, else 0
     counts: Tensor  # float64 [S, K] real samples in each batch
@@ -107,11 +107,15 @@ def build_cohort(split: Any, visits: Sequence[List[np.ndarray]], client_ids: Seq
     client_of = (slots // batch_size) % max(num_clients, 1)
     keys = ((client_of[:, None] * num_tables + np.arange(num_tables)[None, :]) << _ID_BITS) | sparse_real
     block_keys, block_inverse = np.unique(keys, return_inverse=True)
-    positions = np.zeros((rows.size, num_tables), dtype=np.int64)
-    positions[slots] = block_inverse.reshape(-1, num_tables)
     groups = np.arange(num_clients * num_tables + 1, dtype=np.int64) << _ID_BITS
     starts = np.searchsorted(block_keys, groups).astype(np.int64)  # start of each (client, table)
     segment = starts[np.arange(num_clients)[:, None] * num_tables + np.arange(num_tables + 1)[None, :]]
+    # padding reads (with loss weight 0) the client's own first row: every lookup of a
+    # client stays within its rows, whichever clients a step takes together
+    client_of_slot = (np.arange(rows.size) // batch_size) % max(num_clients, 1)
+    positions = np.repeat(segment[client_of_slot, 0][:, None], num_tables, axis=1) if rows.size else \
+        np.zeros((0, num_tables), dtype=np.int64)
+    positions[slots] = block_inverse.reshape(-1, num_tables)
     active_rows = [int(segment[a - 1, num_tables]) if a else 0 for a in active]
     row_ids = block_keys & ((1 << _ID_BITS) - 1)
     row_table = (block_keys >> _ID_BITS) % max(num_tables, 1)

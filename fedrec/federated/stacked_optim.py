@@ -6,8 +6,8 @@ Each client would have built its own ``torch.optim`` optimizer; its state is per
 so one optimizer over the stacked tensor is every client's optimizer at once, provided
 that (a) every client takes its steps at the same time (the engine starts them together,
 so a client's step count is the engine's) and (b) a client that has finished moves
-neither its weights nor its state: the engine orders clients so that the ones still
-training are a prefix, and every update here touches only ``tensor[:active]``.
+neither its weights nor its state: every update here touches only the slices of the
+clients it is given (the engine keeps those still training as a prefix).
 
 The formulas are torch.optim's ``SGD`` (momentum, dampening, Nesterov, weight decay),
 ``Adagrad`` (lr decay, initial accumulator, weight decay) and ``Adam`` (no amsgrad),
@@ -100,23 +100,26 @@ class StackedOptimizer:
         return 4 * (1 if (spec.kind == "SGD" and spec.momentum) or spec.kind == "Adagrad" else
                     2 if spec.kind == "Adam" else 0)
 
-    @torch.no_grad()
-    def step(self, grads: List[Optional[Tensor]], active: List[int],
-             row_grads: Optional[Dict[int, tuple]] = None) -> None:
-        """One step of every active client.
-
-        ``grads[i]`` is the gradient of ``tensors[i][:active[i]]`` (or None: it comes as
-        ``row_grads[i] = (rows, values)``, a row-sparse gradient of a block table whose
-        duplicate rows add up, as an embedding's backward adds them).
-        """
+    def next_step(self) -> None:
+        """Begin a step of every active client (their step count: torch.optim's ``step``)."""
         self.steps += 1
+
+    @torch.no_grad()
+    def apply(self, grads: List[Optional[Tensor]], ranges: List[tuple],
+              row_grads: Optional[Dict[int, tuple]] = None) -> None:
+        """This step's update of some clients: ``tensors[i][start:stop]`` for
+        ``ranges[i] = (start, stop)`` by ``grads[i]`` (or None: it comes as ``row_grads[i] =
+        (rows, values)``, a row-sparse gradient whose rows count from ``start`` and whose
+        duplicate rows add up, as an embedding's backward adds them). The clients of one
+        step may come in several calls (disjoint ranges): each element's maths is its own.
+        """
         spec = self.spec
         row_grads = row_grads or {}
         for i, tensor in enumerate(self.tensors):
-            n = active[i]
-            if n == 0:
+            start, stop = ranges[i]
+            if stop <= start:
                 continue
-            param = tensor[:n]
+            param = tensor[start:stop]
             grad = grads[i]
             if grad is None:
                 rows, values = row_grads[i]
@@ -125,7 +128,7 @@ class StackedOptimizer:
                     param.index_add_(0, rows, values * -spec.lr)
                     continue
                 grad = torch.zeros_like(param).index_add_(0, rows, values)
-            self._update(param, grad, {k: v[:n] for k, v in self.state[i].items()})
+            self._update(param, grad, {k: v[start:stop] for k, v in self.state[i].items()})
 
     def _update(self, param: Tensor, grad: Tensor, state: Dict[str, Tensor]) -> None:
         spec = self.spec
