@@ -237,3 +237,40 @@ def test_simulate_cli_runs_the_engine_and_refuses_a_misfit_in_one_line(config, t
     line = assert_simulate_refuses(config, tmp_path / "refused", capsys,
                                    "fl.client_engine: vectorized cannot run this config")
     assert "use fl.client_engine: auto" in line
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("SGD", {"lr": 0.1}),
+    ("SGD", {"lr": 0.1, "momentum": 0.9, "dampening": 0.2, "weight_decay": 0.01}),
+    ("SGD", {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
+    ("Adagrad", {"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1, "weight_decay": 0.01}),
+    ("Adam", {"lr": 0.01, "betas": (0.8, 0.99), "weight_decay": 0.01}),
+])
+def test_stacked_optimizer_is_torch_optim_per_client(name, kwargs):
+    """Each client's slice moves as its own torch.optim optimizer would move it, with the
+    clients of a step split over several calls and clients dropping out as they finish."""
+    from fedrec.federated.stacked_optim import StackedOptimizer, spec_of
+
+    generator = torch.Generator().manual_seed(0)
+    clients, steps = 5, [6, 6, 4, 2, 1]  # most steps first: the active ones are a prefix
+    start = torch.randn(clients, 3, 4, generator=generator)
+    grads = torch.randn(max(steps), clients, 3, 4, generator=generator)
+    references = []
+    for k in range(clients):
+        param = torch.nn.Parameter(start[k].clone())
+        optimizer = getattr(torch.optim, name)([param], **kwargs)
+        for s in range(steps[k]):
+            param.grad = grads[s, k].clone()
+            optimizer.step()
+        references.append(param.detach())
+    stacked = start.clone()
+    optimizer = StackedOptimizer(spec_of(getattr(torch.optim, name)([torch.nn.Parameter(start[0])], **kwargs)),
+                                 [stacked])
+    for s in range(max(steps)):
+        active = sum(n > s for n in steps)
+        optimizer.next_step()
+        for a in range(0, active, 2):
+            b = min(active, a + 2)
+            optimizer.apply([grads[s, a:b]], [(a, b)])
+    for k in range(clients):
+        assert torch.allclose(stacked[k], references[k], rtol=1e-6, atol=1e-7), k
