@@ -250,17 +250,22 @@ class ClientRunner:
         if context is None:
             raise InvalidStateError("no round in progress")
         out = []
+        parent = self._parent(context.round)
         for nid in ids:
-            if nid != self.aggregator_id:
+            if nid != parent:
                 raise InvalidStateError(
-                    f"trainer {worker.worker_index} asked worker {nid} for a model; in a star "
-                    f"topology trainers only talk to the aggregator ({self.aggregator_id})"
+                    f"trainer {worker.worker_index} asked worker {nid} for a model; in this round "
+                    f"it talks only to the aggregator that asked it to train ({parent})"
                 )
             neighbour = worker.out_neighbours[nid]
             neighbour.model = context.start
             neighbour.last_sync = context.round.round_idx
             out.append(neighbour)
         return out
+
+    def _parent(self, context: RoundContext) -> int:
+        """The trainers' aggregator this round: the star's, or the one the context names."""
+        return self.aggregator_id if context.aggregator_id is None else int(context.aggregator_id)
 
     def train(self, worker: FederatedWorker, model_dir: Optional[str] = None) -> LocalTrainResult:
         context: ClientContext = worker.context
@@ -314,7 +319,7 @@ class ClientRunner:
         worker = self.algorithm(
             worker_index=cid,
             roles=["trainer"],
-            out_neighbours=NeighbourTable([self.aggregator_id]),
+            out_neighbours=NeighbourTable([self._parent(job.context)]),
             runtime=self,
             round_idx=job.context.client_rounds.get(cid, job.round_idx),
             sample_num=context.sample_num,
