@@ -358,19 +358,41 @@ def make_graph(spec: GraphTopology, n: int) -> Graph:
 
 
 def random_regular(n: int, degree: int, rng: np.random.Generator) -> Graph:
-    """A random ``degree``-regular simple graph (pairing model, retried on collisions)."""
+    """A random ``degree``-regular simple graph: a circulant one (each worker linked to
+    its ``degree // 2`` nearest on either side, plus the opposite one for odd degrees),
+    then ``10 x edges`` random degree-preserving double-edge swaps (a Markov chain that
+    keeps the graph simple)."""
     if degree >= n or (n * degree) % 2:
         raise ConfigError(f"fl.topology: no {degree}-regular graph on {n} workers "
                           f"(needs degree < num_workers and degree * num_workers even)")
-    for _ in range(200):
-        stubs = rng.permutation(np.repeat(np.arange(n, dtype=np.int64), degree))
-        a, b = stubs[0::2], stubs[1::2]
-        lo, hi = np.minimum(a, b), np.maximum(a, b)
-        if np.any(lo == hi) or len(np.unique(lo * n + hi)) != len(lo):
+    ids = np.arange(n, dtype=np.int64)
+    src = [ids] * (degree // 2)
+    dst = [(ids + k) % n for k in range(1, degree // 2 + 1)]
+    if degree % 2:
+        src.append(ids[: n // 2])
+        dst.append(ids[: n // 2] + n // 2)
+    a, b = np.concatenate(src), np.concatenate(dst)
+    edges = np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1)
+    present = set((edges[:, 0] * n + edges[:, 1]).tolist())
+    count = len(edges)
+    picks = rng.integers(0, count, size=(10 * count, 2))
+    flips = rng.random(10 * count) < 0.5
+    for (e, f), flip in zip(picks.tolist(), flips.tolist()):
+        if e == f:
             continue
-        return Graph.from_edges(n, lo, hi)
-    raise ConfigError(f"fl.topology: could not draw a simple {degree}-regular graph on {n} workers; "
-                      "try another seed or degree")
+        (p, q), (r, t) = edges[e].tolist(), edges[f].tolist()
+        if flip:
+            r, t = t, r
+        if p == t or r == q:  # the new pairs (p, t), (r, q) would be self-loops
+            continue
+        new1, new2 = min(p, t) * n + max(p, t), min(r, q) * n + max(r, q)
+        if new1 in present or new2 in present or new1 == new2:
+            continue
+        present.difference_update((p * n + q, min(r, t) * n + max(r, t)))
+        present.update((new1, new2))
+        edges[e] = (min(p, t), max(p, t))
+        edges[f] = (min(r, q), max(r, q))
+    return Graph.from_edges(n, edges[:, 0], edges[:, 1])
 
 
 def read_edge_list(path: Path, n: int, directed: bool) -> Graph:
