@@ -42,6 +42,15 @@ _RUNTIME_KEYS = ("worker_index", "roles", "in_neighbours", "out_neighbours", "ru
                  "sample_num", "persistent_storage", "client_num_per_round", "extra")
 
 
+#: ``RoundContext.aggregator_id`` of a job whose clients are peers: each its own aggregator
+PEER = -1
+
+
+class PeerStarts(dict):
+    """``RoundJob.global_state`` when every client starts from its own model (the peers of
+    a graph topology): client id -> weights. Each such client is its own aggregator."""
+
+
 @dataclasses.dataclass
 class RoundJob:
     """The work one process does in a round; the global weights travel once in it."""
@@ -250,7 +259,7 @@ class ClientRunner:
         if context is None:
             raise InvalidStateError("no round in progress")
         out = []
-        parent = self._parent(context.round)
+        parent = self._parent(context.round, worker.worker_index)
         for nid in ids:
             if nid != parent:
                 raise InvalidStateError(
@@ -263,9 +272,12 @@ class ClientRunner:
             out.append(neighbour)
         return out
 
-    def _parent(self, context: RoundContext) -> int:
-        """The trainers' aggregator this round: the star's, or the one the context names."""
-        return self.aggregator_id if context.aggregator_id is None else int(context.aggregator_id)
+    def _parent(self, context: RoundContext, cid: int) -> int:
+        """Client ``cid``'s aggregator this round: the star's, the one the context names,
+        or (``PEER``) the client itself."""
+        if context.aggregator_id is None:
+            return self.aggregator_id
+        return cid if context.aggregator_id == PEER else int(context.aggregator_id)
 
     def train(self, worker: FederatedWorker, model_dir: Optional[str] = None) -> LocalTrainResult:
         context: ClientContext = worker.context
@@ -307,7 +319,8 @@ class ClientRunner:
         state, extra = self.store.get(cid, job.round_idx) if self.store is not None else ({}, {})
         context = ClientContext(
             round=job.context, client_id=cid, sample_num=int(self.partition.sizes[cid]), model=self.model,
-            weights=self.replica, start=job.global_state, dense_names=self.whole_names,
+            weights=self.replica, dense_names=self.whole_names,
+            start=job.global_state[cid] if isinstance(job.global_state, PeerStarts) else job.global_state,
             touched_rows=self._rows_of(cid, job.round_idx) if self.row_updates else {}, local_lr=self._local_lr,
             local_momentum=self._local_momentum, state=state, extra=extra, private_names=self.private_names)
         context.evaluate_loss = functools.partial(self._client_loss, cid)
@@ -319,7 +332,7 @@ class ClientRunner:
         worker = self.algorithm(
             worker_index=cid,
             roles=["trainer"],
-            out_neighbours=NeighbourTable([self._parent(job.context)]),
+            out_neighbours=NeighbourTable([self._parent(job.context, cid)]),
             runtime=self,
             round_idx=job.context.client_rounds.get(cid, job.round_idx),
             sample_num=context.sample_num,

@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from fedrec.federated.client_runner import PEER, PeerStarts
 from fedrec.federated.client_state import ClientStateStore
 from fedrec.federated.context import RoundContext
 from fedrec.federated.topology import GraphTopology, check_worker_roles
@@ -154,6 +155,9 @@ def build_peers(runner: Any, topology: GraphTopology, runtime: Any) -> List[Fede
 class GossipNetwork:
     """The peers' runtime (``Runtime``) and the round loop's driver of a decentralized round."""
 
+    #: peers trained per backend call: their start models are in memory together
+    train_chunk = 16
+
     def __init__(self, sim: Any, topology: GraphTopology) -> None:
         self.sim, self.topology, self.graph = sim, topology, topology.graph
         self.seed, self.sampler, self.per_row_embeddings = sim.seed, sim.sampler, sim.per_row_embeddings
@@ -222,23 +226,27 @@ class GossipNetwork:
         self._finish_round(r)
 
     def _train_peers(self, ids: Sequence[int], r: int) -> Dict[int, LocalTrainResult]:
-        """Local training of ``ids`` from their own models, through the backend; each
+        """Local training of ``ids`` from their own models, through the backend, in chunks
+        of ``train_chunk`` peers (one block each, so MPI processes share a chunk); each
         trained model goes to ``peer_sent`` (what its neighbours may ask for)."""
         out = {}
-        for i in ids:
-            start = self._stored(self.models, i, r) or self.initial
-            context = RoundContext(r, self.seed, checkpointed_round=self.sim.checkpointed_round, cohort=[i],
-                                   aggregator_id=i)
-            results = self.sim.backend.run_round(context, [(0, [i])], start)
-            update = next(u for res in results for _, u in res.block_updates)
-            stat = next(s for res in results for s in res.stats)
-            trained = {k: v.detach().clone() for k, v in start.items()}
-            update.apply_mean_(trained, per_row=False)  # start + delta (weight 1)
-            self.sent.put(i, r, trained, checkpointed_round=0)
-            stat.bytes_down = stat.bytes_up = 0  # a peer trains on its own device: no traffic
-            self._stats.append(stat)
-            self._trained.add(i)
-            out[i] = LocalTrainResult(stat.num_samples, stat.num_steps, stat.loss_sum)
+        for first in range(0, len(ids), self.train_chunk):
+            chunk = list(ids[first:first + self.train_chunk])
+            starts = PeerStarts({i: self._stored(self.models, i, r) or self.initial for i in chunk})
+            context = RoundContext(r, self.seed, checkpointed_round=self.sim.checkpointed_round, cohort=chunk,
+                                   aggregator_id=PEER)
+            results = self.sim.backend.run_round(context, [(k, [i]) for k, i in enumerate(chunk)], starts)
+            updates = {chunk[b]: update for res in results for b, update in res.block_updates}
+            stats = {s.client_id: s for res in results for s in res.stats}
+            for i in chunk:
+                trained = {k: v.detach().clone() for k, v in starts[i].items()}
+                updates[i].apply_mean_(trained, per_row=False)  # start + delta (weight 1)
+                self.sent.put(i, r, trained, checkpointed_round=0)
+                stat = stats[i]
+                stat.bytes_down = stat.bytes_up = 0  # a peer trains on its own device: no traffic
+                self._stats.append(stat)
+                self._trained.add(i)
+                out[i] = LocalTrainResult(stat.num_samples, stat.num_steps, stat.loss_sum)
         return out
 
     def _stored(self, store: ClientStateStore, i: int, before: int) -> Optional[Dict[str, torch.Tensor]]:
