@@ -68,6 +68,7 @@ def quality(config: Dict[str, Any], name: str, workers: int, rounds: int, steps:
          bytes_total=sum(r["bytes_up"] + r["bytes_down"] for r in history),
          bytes_max_link=sum(r["bytes_max_link"] for r in history),
          bytes_max_node=sum(r["bytes_max_node"] for r in history),
+         bytes_edge_cloud=sum(r.get("bytes_edge_cloud", 0) for r in history),
          seconds_per_round=sum(r["round_seconds"] for r in history) / len(history),
          wall_seconds=time.perf_counter() - start)
 

@@ -246,10 +246,13 @@ def test_a_worker_without_the_role_its_position_needs(config, tmp_path, capsys):
     ({"name": "graph", "degre": 3}, "gossip", "does not take config key(s) ['degre']"),
     ({"name": "graph", "kind": "file"}, "gossip", "kind: file needs edge_list_file"),
     ({"name": "hierarchical", "num_edges": 41}, "hier_favg", "num_edges is 41, more than fl.num_workers (40)"),
+    ({"name": "hierarchical"}, {"name": "hier_favg", "server_optimizer": {"name": "sgd", "lr": -1}},
+     "fl.fl_algo 'hier_favg': server_optimizer"),
+    ({"name": "graph", "kind": "k_regular", "degree": 40}, "gossip", "fl.topology: no 40-regular graph on 40 workers"),
 ])
 def test_config_mistakes_are_one_line_errors(config, tmp_path, capsys, topology, algo, expected):
     config = copy.deepcopy(config)
-    config["fl"].update({"topology": topology, "fl_algo": {"name": algo}})
+    config["fl"].update({"topology": topology, "fl_algo": algo if isinstance(algo, dict) else {"name": algo}})
     assert expected in simulate_error(capsys, config, tmp_path)
 
 

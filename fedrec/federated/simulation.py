@@ -109,7 +109,7 @@ def check_simulation(runner: ClientRunner) -> Optional[VirtualClock]:
     if topology.name == "star":
         build_aggregator(runner, _DryRuntime(runner, runner.sampler), None)
     else:
-        topology.check_workers(runner)
+        topology.check_workers(runner, _DryRuntime(runner, runner.sampler))
     return clock
 
 
@@ -119,7 +119,8 @@ def devices_digest(clock: Optional[VirtualClock]) -> Optional[str]:
 
 
 class Simulation:
-    """A federated simulation over ``fl.num_workers`` simulated trainers (star topology)."""
+    """A federated simulation over ``fl.num_workers`` simulated trainers, on the star or
+    on another ``fl.topology`` (whose runtime then drives the round)."""
 
     def __init__(self, config: Dict[str, Any], logdir: str | Path, logger: Optional[BaseLogger] = None,
                  config_path: Optional[str] = None, backend: Optional[Backend] = None,

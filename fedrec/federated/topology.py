@@ -124,8 +124,9 @@ class Topology:
         """The runtime that drives a round over this topology (None: the star's own loop)."""
         return None
 
-    def check_workers(self, runner: Any) -> None:
-        """Build every worker once, as a check, before anything is written."""
+    def check_workers(self, runner: Any, runtime: Any) -> None:
+        """Build every worker once against a dry ``runtime``, as a check (a bad server
+        optimizer, a missing role), before anything is written."""
 
     def check_algorithm(self, algorithm: type, algo_name: str) -> None:
         """Every position must be one the algorithm's workers can play, with the roles it
@@ -212,10 +213,10 @@ class HierarchicalTopology(Topology):
 
         return HierarchicalRuntime(sim, self)
 
-    def check_workers(self, runner: Any) -> None:
+    def check_workers(self, runner: Any, runtime: Any) -> None:
         from fedrec.federated.hierarchical import build_workers
 
-        build_workers(runner, self, runtime=None)
+        build_workers(runner, self, runtime=runtime)
 
     def clients_of(self, edge: int) -> np.ndarray:
         return self.members[self.members_indptr[edge]:self.members_indptr[edge + 1]]
@@ -318,10 +319,10 @@ class GraphTopology(Topology):
 
         return GossipNetwork(sim, self)
 
-    def check_workers(self, runner: Any) -> None:
+    def check_workers(self, runner: Any, runtime: Any) -> None:
         from fedrec.federated.gossip import build_peers
 
-        build_peers(runner, self, runtime=None)
+        build_peers(runner, self, runtime=runtime)
 
     def describe(self) -> str:
         degrees = self.graph.in_degrees()
