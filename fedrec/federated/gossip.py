@@ -119,6 +119,41 @@ class DPSGDWorker(GossipWorker):
         return mixed
 
 
+def add_delta(model: Dict[str, torch.Tensor], update: Any) -> None:
+    """``model += delta`` for one peer's update of weight 1 (``WeightedUpdate.apply_mean_``
+    divided by 1, which is exact, without its temporary copies)."""
+    if update.num_clients and float(update.weight) != 1.0:
+        raise InvalidStateError(f"a peer's update has weight {update.weight}, expected 1 (client_update "
+                                "must return context.model_delta(weight=1.0))")
+    with torch.no_grad():
+        for name, total in update.dense.items():
+            model[name].add_(total)
+        for name, row in update.rows.items():
+            model[name].index_add_(0, row.ids, row.values)
+
+
+class PeerModelStore(ClientStateStore):
+    """The client-state store, writing the caller's tensors as they are: a peer's model is
+    written once and never changed after (the base class copies, for callers that do)."""
+
+    def put(self, client_id: int, round_idx: int, tensors: Mapping[str, torch.Tensor],
+            extra: Optional[Mapping[str, Any]] = None, checkpointed_round: int = 0) -> int:
+        import json
+        import os
+
+        from safetensors.torch import save_file
+
+        folder = self._client_dir(client_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"r{round_idx:06d}.safetensors"
+        tmp = folder / f".{path.name}.tmp-{os.getpid()}"
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"fedrec_extra": json.dumps(dict(extra or {}))})
+        os.replace(tmp, path)
+        self._prune(client_id, round_idx, checkpointed_round)
+        return path.stat().st_size
+
+
 class _Suspend:
     """What a peer's coroutine yields to the network's scheduler (a barrier)."""
 
@@ -163,8 +198,8 @@ class GossipNetwork:
         self.seed, self.sampler, self.per_row_embeddings = sim.seed, sim.sampler, sim.per_row_embeddings
         self.peers = build_peers(sim.runner, topology, self)
         self.degrees = self.graph.in_degrees()
-        self.models = ClientStateStore(sim.logdir / "peer_models")
-        self.sent = ClientStateStore(sim.logdir / "peer_sent")
+        self.models = PeerModelStore(sim.logdir / "peer_models")
+        self.sent = PeerModelStore(sim.logdir / "peer_sent")
         # every peer starts from the same model (rebuilt identically on resume)
         self.initial = {k: v.detach().clone() for k, v in sim.global_state.items()}
         self.model_bytes = sum(int(v.numel()) for v in self.initial.values()) * sim.fl.value_bytes
@@ -239,8 +274,9 @@ class GossipNetwork:
             updates = {chunk[b]: update for res in results for b, update in res.block_updates}
             stats = {s.client_id: s for res in results for s in res.stats}
             for i in chunk:
-                trained = {k: v.detach().clone() for k, v in starts[i].items()}
-                updates[i].apply_mean_(trained, per_row=False)  # start + delta (weight 1)
+                start = starts.pop(i)  # read from the store for this call alone: updated in place
+                trained = {k: v.detach().clone() for k, v in start.items()} if start is self.initial else start
+                add_delta(trained, updates[i])
                 self.sent.put(i, r, trained, checkpointed_round=0)
                 stat = stats[i]
                 stat.bytes_down = stat.bytes_up = 0  # a peer trains on its own device: no traffic
@@ -294,10 +330,9 @@ class GossipNetwork:
         with torch.no_grad():
             if self._sum is None:
                 self._sum = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in model.items()}
-            for name, value in model.items():
-                wide = value.to(torch.float64)
-                self._sum[name].add_(wide)
-                self._sum_sq += float(wide.pow(2).sum())
+            for name, value in model.items():  # in float64, without a float64 copy of the model
+                self._sum[name].add_(value)
+                self._sum_sq += float(torch.linalg.vector_norm(value, dtype=torch.float64)) ** 2
         self._mixed += 1
         self._current = None
 
