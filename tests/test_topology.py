@@ -17,10 +17,11 @@ import pytest
 import torch
 from run_helpers import cli, error_line, write_config
 from test_fl_simulation import resumed_after, run, without_timings
+from test_mpi import assert_same_run, needs_mpi, simulate
 
 from fedrec.federated.gossip import GossipWorker
 from fedrec.federated.hierarchical import HierFAVGWorker
-from fedrec.federated.topology import Graph, GraphTopology, HierarchicalTopology, make_graph, read_assignment
+from fedrec.federated.topology import Graph, GraphTopology, make_graph, read_assignment
 from fedrec.federated_worker import NeighbourTable
 from fedrec.utilities import registry
 from fedrec.utilities.config import ConfigError, load_config
@@ -139,7 +140,7 @@ def test_a_disconnected_graph_is_warned_with_its_component_count(config, tmp_pat
     edges.write_text("".join(f"{i} {(i + 1) % 8}\n" for i in range(8))
                      + "".join(f"{8 + i} {8 + (i + 1) % 8}\n" for i in range(8)))
     with caplog.at_level(logging.WARNING, logger="fedrec"):
-        sim, rows = run(graph(config, kind="file", edge_list_file=str(edges)), tmp_path / "g")
+        _, rows = run(graph(config, kind="file", edge_list_file=str(edges)), tmp_path / "g")
     assert any("disconnected: 2 components" in r.getMessage() for r in caplog.records)
     assert rows[-1]["consensus_distance"] > 0
 
@@ -239,8 +240,8 @@ def test_a_worker_without_the_role_its_position_needs(config, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("topology, algo, expected", [
-    ({"name": "graph"}, "fed_avg", "fl.topology 'graph' needs peer workers with roles ['trainer', 'aggregator'], "
-                                   "but fl.fl_algo 'fed_avg' has no peer position"),
+    ({"name": "graph"}, "fed_avg", ("fl.topology 'graph' needs peer workers with roles ['trainer', 'aggregator'], "
+                                    "but fl.fl_algo 'fed_avg' has no peer position")),
     ({"name": "hierarchical"}, "gossip", "fl.fl_algo 'gossip' has no cloud position"),
     ({"name": "mesh"}, "fed_avg", "unknown topology 'mesh'; known topology names: graph, hierarchical, star"),
     ({"name": "graph", "degre": 3}, "gossip", "does not take config key(s) ['degre']"),
@@ -281,8 +282,6 @@ def test_example_configs_run_from_the_cli(synthetic_data, tmp_path, capsys, name
 
 
 # -- MPI ---------------------------------------------------------------------------------------------
-from test_mpi import assert_same_run, needs_mpi, simulate  # noqa: E402
-
 
 @needs_mpi
 @pytest.mark.parametrize("which", ["hierarchical", "dpsgd"])

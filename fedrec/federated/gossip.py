@@ -349,7 +349,7 @@ class GossipNetwork:
         await _Suspend("models")
         r = self.sim.round_idx
         out = []
-        for j in sorted(set(int(x) for x in ids)):
+        for j in sorted({int(x) for x in ids}):
             if type(worker).shares == "start":
                 model = self._stored(self.models, j, r) or self.initial
             else:

@@ -98,7 +98,7 @@ def weighted_average(neighbours: Sequence[Neighbour]) -> Dict[str, torch.Tensor]
 
 def edge_cohort_size(per_round: int, members: int, num_workers: int) -> int:
     """An edge's share of ``fl.client_num_per_round``, in proportion to its clients."""
-    return max(1, min(members, int(round(per_round * members / num_workers))))
+    return max(1, min(members, round(per_round * members / num_workers)))
 
 
 def _make(runner: Any, **kwargs: Any) -> FederatedWorker:

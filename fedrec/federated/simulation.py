@@ -35,7 +35,6 @@ from fedrec.federated.update import sum_updates
 from fedrec.federated.virtual_clock import (DeviceSampler, RoundAbandoned, VirtualClock, append_record, build_clock,
                                             save_profiles, truncate_records)
 from fedrec.federated_worker import Cohort, FederatedWorker, InvalidStateError, Neighbour, NeighbourTable
-from fedrec.utilities import registry
 from fedrec.utilities.checkpoint import LoadedCheckpoint
 from fedrec.utilities.config import ConfigError
 from fedrec.utilities.console import progress_bar

@@ -82,7 +82,7 @@ class Graph:
 
     @property
     def num_edges(self) -> int:
-        return int(len(self.indices))
+        return len(self.indices)
 
     def components(self) -> int:
         """Weakly connected components (union-find over the edge arrays)."""
