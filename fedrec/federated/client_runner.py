@@ -198,6 +198,11 @@ class ClientRunner:
         #: what each client loads and uploads whole (dense_names less the tables on the fast path)
         self.whole_names = ([n for n in self.dense_names if n not in self.table_names] if self.dense_fast
                             else self.dense_names)
+        from fedrec.federated import client_engine
+
+        #: trains blocks of clients at once (None: one client after another)
+        self.engine, self.engine_note = client_engine.choose(self)
+        self._trained: Dict[int, Any] = {}  # the engine's results for the clients of the current block
 
     @property
     def row_updates(self) -> bool:
@@ -283,6 +288,8 @@ class ClientRunner:
         context: ClientContext = worker.context
         cid = worker.worker_index
         worker.begin_local_training(context)
+        if cid in self._trained:  # trained with its block by the vectorized engine
+            return self._load_trained(context, self._trained.pop(cid))
         optimizer = self._make_optimizer(model=self.model)
         seed = derive_seed(self.seed, worker.round_idx, cid)
         loader = self.trainer.client_loader(self.partition.indices_of(cid), self.fl.local_batch_size, seed=seed)
@@ -293,6 +300,16 @@ class ClientRunner:
         context.train_result = total
         return total
 
+    def _load_trained(self, context: ClientContext, trained: Any) -> LocalTrainResult:
+        """Leave the replica as the client's own local training would have."""
+        with torch.no_grad():
+            for name, value in trained.dense.items():
+                self.replica[name].copy_(value)
+            for name, (ids, values) in trained.rows.items():
+                self.replica[name].index_copy_(0, ids.to(self.replica[name].device), values)
+        context.train_result = trained.result
+        return trained.result
+
     def test(self, worker: FederatedWorker) -> Dict[str, float]:
         return self.trainer.evaluate("val", log=False)
 
@@ -300,10 +317,21 @@ class ClientRunner:
     def run_job(self, job: RoundJob) -> JobResult:
         """Run every client of ``job``; sum each block's updates in client-id order."""
         result = JobResult()
+        # peers (PeerStarts) each start from their own model: the engine batches clients
+        # that share one start, so they train one after another
+        engine = self.engine if not isinstance(job.global_state, PeerStarts) else None
+        if engine is not None and engine.sums_uploads:
+            return self._run_job_summed(job, result)
+        trained = self._engine_chunks(job) if engine is not None else None
         for block_index, clients in job.blocks:
             block = WeightedUpdate()
             for cid in clients:
-                upload = self._run_client(cid, job, result)
+                if trained is not None and cid not in self._trained:
+                    self._trained = next(trained)  # the vectorized engine's next chunk
+                try:
+                    upload = self._run_client(cid, job, result)
+                finally:
+                    self._trained.pop(cid, None)
                 if self.mode == "sum":
                     block.add_(upload)
                 elif self.mode == "updates":
@@ -313,6 +341,43 @@ class ClientRunner:
             if self.mode == "sum":
                 result.block_updates.append((block_index, block))
         return result
+
+    def _run_job_summed(self, job: RoundJob, result: JobResult) -> JobResult:
+        """The vectorized engine's FedAvg uploads, summed chunk by chunk within each block."""
+        rounds = {int(c): job.context.client_rounds.get(c, job.round_idx) for _, block in job.blocks for c in block}
+        for block_index, clients in job.blocks:
+            block = WeightedUpdate()
+            for chunk in self.engine.chunks([int(c) for c in clients]):
+                try:
+                    update, stats = self.engine.train_sum(chunk, rounds, job.global_state)
+                except Exception as err:
+                    raise ClientError(f"round {job.round_idx}, clients {chunk[0]}-{chunk[-1]} (vectorized "
+                                      f"engine): {type(err).__name__}: {err}") from err
+                block.add_(update)
+                result.stats.extend(stats)
+            result.block_updates.append((block_index, block))
+        return result
+
+    def _engine_chunks(self, job: RoundJob):
+        """With the vectorized engine: each block's clients trained chunk by chunk, each
+        chunk as big as ``fl.vectorize_memory_mb`` allows. Chunks never span blocks: some
+        CPU kernels (``sigmoid``, for one) round a value differently depending on the
+        tensor's size, so a client's floats can depend on how many clients it is batched
+        with, and the blocks are the same whatever the backend or the number of MPI
+        processes, so the results are too."""
+        if self.engine is None:
+            return None
+        clients = [int(c) for _, block in job.blocks for c in block]
+        rounds = {c: job.context.client_rounds.get(c, job.round_idx) for c in clients}
+
+        def chunks():
+            for chunk in (chunk for _, block in job.blocks for chunk in self.engine.chunks([int(c) for c in block])):
+                try:
+                    yield self.engine.train(chunk, rounds, job.global_state)
+                except Exception as err:
+                    raise ClientError(f"round {job.round_idx}, clients {chunk[0]}-{chunk[-1]} (vectorized "
+                                      f"engine): {type(err).__name__}: {err}") from err
+        return chunks()
 
     def client_context(self, cid: int, job: RoundJob) -> ClientContext:
         """Client ``cid``'s view of the round, its stored state loaded."""

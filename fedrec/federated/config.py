@@ -36,6 +36,11 @@ class FLConfig(pydantic.BaseModel):
     # dense mode computed with sparse internals where an untouched row provably cannot
     # change (same results bit for bit, bytes counted as dense); off: the full-table path
     dense_fast_path: Literal["auto", "off"] = "auto"
+    # train a block of clients as one batched computation (fedrec/federated/client_engine.py);
+    # auto: vectorized where the model and algorithm allow it, else sequential (the run
+    # log says which and why)
+    client_engine: Literal["sequential", "vectorized", "auto"] = "sequential"
+    vectorize_memory_mb: int = pydantic.Field(1024, ge=1)  # memory one vectorized block may take
     seed: int = 0
     reduce_blocks: int = pydantic.Field(12, ge=1)  # fixed reduction blocks: same sums for any #processes
     mpi_processes: Optional[int] = pydantic.Field(None, ge=1)  # MPI processes to use (default: all)

@@ -162,6 +162,8 @@ class Simulation:
         self.per_row_embeddings = self.runner.per_row_embeddings
         if self.runner.dense_path_note:
             self.logger.info(self.runner.dense_path_note)
+        if self.runner.engine_note:
+            self.logger.info(self.runner.engine_note)
         self.postprocessors = self.runner.postprocessors
         for line in filter(None, (p.describe() for p in self.postprocessors)):
             self.logger.info(line)

@@ -40,13 +40,17 @@ class DotInteraction(InteractionArch):
         idx = torch.tril_indices(self.num_features, self.num_features, offset=0 if itself else -1)
         self.register_buffer("li", idx[0].clone(), persistent=False)
         self.register_buffer("lj", idx[1].clone(), persistent=False)
+        # the same pairs as positions in the flattened [F * F] products: one index_select,
+        # whose backward (an index_add) is about twice as fast as z[:, li, lj]'s on CPU;
+        # every pair is selected once, so values and gradients are the same bits
+        self.register_buffer("flat_pairs", idx[0] * self.num_features + idx[1], persistent=False)
         self.num_pairs = int(idx.shape[1])
         self.output_dim = int(dense_dim) + self.num_pairs
 
     def forward(self, dense: Tensor, sparse: Tensor) -> Tensor:
         v = torch.cat((dense.unsqueeze(1), sparse), dim=1)  # [B, F, d]
         z = torch.bmm(v, v.transpose(1, 2))                   # [B, F, F]
-        return torch.cat((dense, z[:, self.li, self.lj]), dim=1)
+        return torch.cat((dense, z.flatten(1).index_select(1, self.flat_pairs)), dim=1)
 
     def extra_repr(self) -> str:
         return f"num_features={self.num_features}, itself={self.itself}, output_dim={self.output_dim}"

@@ -19,12 +19,19 @@ class BCELoss(nn.Module):
     def forward(self, probs: Tensor, labels: Tensor) -> Tensor:
         return F.binary_cross_entropy(probs, labels.to(probs.dtype).view_as(probs), reduction="mean")
 
+    def per_sample(self, probs: Tensor, labels: Tensor) -> Tensor:
+        """Each sample's term of the mean (any shape; the vectorized client engine weights them)."""
+        return F.binary_cross_entropy(probs, labels.to(probs.dtype).view_as(probs), reduction="none")
+
 
 class MSELoss(nn.Module):
     """Mean squared error between probabilities and labels."""
 
     def forward(self, probs: Tensor, labels: Tensor) -> Tensor:
         return F.mse_loss(probs, labels.to(probs.dtype).view_as(probs), reduction="mean")
+
+    def per_sample(self, probs: Tensor, labels: Tensor) -> Tensor:
+        return F.mse_loss(probs, labels.to(probs.dtype).view_as(probs), reduction="none")
 
 
 class WeightedBCELoss(nn.Module):
@@ -42,10 +49,13 @@ class WeightedBCELoss(nn.Module):
         self.w_neg, self.w_pos = weights
 
     def forward(self, probs: Tensor, labels: Tensor) -> Tensor:
+        return self.per_sample(probs, labels).mean()
+
+    def per_sample(self, probs: Tensor, labels: Tensor) -> Tensor:
         labels = labels.to(probs.dtype).view_as(probs)
         per_sample = F.binary_cross_entropy(probs, labels, reduction="none")
         w = torch.where(labels > 0.5, self.w_pos, self.w_neg).to(probs.dtype)
-        return (w * per_sample).mean()
+        return w * per_sample
 
     def extra_repr(self) -> str:
         return f"weights=[{self.w_neg}, {self.w_pos}]"

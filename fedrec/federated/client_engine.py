@@ -1,0 +1,344 @@
+"""The vectorized client engine: a block of clients' local training as one computation.
+
+The sequential engine trains the round's clients one after another on one replica, so a
+round costs its clients' steps times the per-step overhead of a small batch (Python,
+autograd, dispatch, and in dense mode table-sized gradients). This engine trains K
+clients' step ``s`` together:
+
+* each client's copy of the dense parameters is one slice of a stacked tensor
+  ``[K, ...]`` (batched matmuls: :mod:`fedrec.federated.batched_models`);
+* each client's embedding rows are its own rows of one *block table* (the rows its data
+  read, remapped: :mod:`fedrec.federated.cohort`), so K clients cost their rows, not K
+  tables;
+* the local optimizer runs for all of them at once (:mod:`fedrec.federated.stacked_optim`),
+  and clients that have finished (fewer batches, or a last partial batch) are outside
+  the active prefix, so neither their weights nor their optimizer state move.
+
+What it produces per client (its trained dense weights and rows, and its
+``LocalTrainResult``) is loaded into the runner's replica in place of sequential local
+training; every client's ``client_update``, postprocessors, state store and byte
+accounting then run exactly as before, so aggregation, MPI and the algorithms above do
+not change. :func:`choose` decides once per run, with a line for the run log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fedrec.federated.cohort import Cohort, build_cohort, client_visits
+from fedrec.federated.stacked_optim import OptimizerSpec, StackedOptimizer, spec_of
+from fedrec.federated.update import RowSubset, RowUpdate, WeightedUpdate, gather_rows
+from fedrec.trainers.base_trainer import LocalTrainResult
+from fedrec.utilities.config import ConfigError
+from fedrec.utilities.random_state import derive_seed
+
+MIB = 1 << 20
+
+
+@dataclasses.dataclass
+class TrainedClient:
+    """One client's local training, as the sequential engine would have left the replica."""
+
+    dense: Dict[str, Tensor]  # trained values of the stacked (non-table) parameters
+    rows: Dict[str, Tuple[Tensor, Tensor]]  # table name -> (row ids, trained rows)
+    result: LocalTrainResult
+
+
+class VectorizationError(ConfigError):
+    """``fl.client_engine: vectorized`` asked for what the engine cannot do."""
+
+
+def choose(runner: Any) -> Tuple[Optional["VectorizedEngine"], str]:
+    """(the engine or None, a line for the run log) for ``fl.client_engine``."""
+    setting = runner.fl.client_engine
+    if setting == "sequential":
+        return None, ""
+    reason, forward = _blocker(runner)
+    if reason is None:
+        engine = VectorizedEngine(runner, forward)
+        sums = ("uploads summed per block" if engine.sums_uploads else
+                f"uploads client by client: {engine.per_client_reason}")
+        return engine, (f"client engine: vectorized ({forward.name} path; blocks of up to "
+                        f"{runner.fl.vectorize_memory_mb:,} MiB, {engine.spec.kind} local steps; {sums})")
+    if setting == "vectorized":
+        raise VectorizationError(f"fl.client_engine: vectorized cannot run this config: {reason}; "
+                                 "use fl.client_engine: auto (falls back to sequential) or sequential")
+    return None, f"client engine: sequential ({reason})"
+
+
+def _blocker(runner: Any) -> Tuple[Optional[str], Any]:
+    """Why the engine cannot train this runner's clients (None: it can), and its forward."""
+    from fedrec.federated.batched_models import BatchedDLRM, FuncBatched
+    from fedrec.federated_worker import FederatedWorker
+
+    fl, model, algorithm = runner.fl, runner.model, runner.algorithm
+    name = fl.fl_algo.get("name")
+    if (algorithm.begin_local_training is not FederatedWorker.begin_local_training
+            or algorithm.local_objective is not FederatedWorker.local_objective):
+        return f"fl_algo {name!r} has its own local training hooks", None
+    if getattr(algorithm, "train", None) is not FederatedWorker.train:
+        return f"fl_algo {name!r} trains in its own way", None
+    if runner.mode == "models":
+        return f"fl_algo {name!r} aggregates whole models", None
+    if fl.attack is not None:
+        return "fl.attack poisons clients' data", None
+    if fl.async_ is not None:
+        return "fl.async (FedBuff) runs clients as they arrive", None
+    if runner.private_names or getattr(runner.trainer, "client_touched_rows", None) is not None:
+        return "the trainer draws rows per client (private user rows, sampled negatives)", None
+    if not hasattr(runner.trainer, "client_loader") or not hasattr(model, "sparse_tables"):
+        return f"{type(model).__name__} has no sparse_tables() (DLRM's interface)", None
+    spec = spec_of(runner._make_optimizer(model=model))
+    if isinstance(spec, str):
+        return spec, None
+    if spec.weight_decay and fl.embedding_updates == "dense":
+        return ("local weight decay moves embedding rows a client never reads, which dense "
+                "updates send"), None
+    for module_name, module in model.named_modules():
+        if getattr(module, "max_norm", None) is not None:
+            return f"embedding {module_name} has max_norm (rows change in forward)", None
+        row_parameters = getattr(module, "row_parameters", None)
+        if row_parameters is not None and (tuple(row_parameters) != ("weight",) or not _identity_rows(module)):
+            return f"embedding {module_name} ({type(module).__name__}) maps ids to rows itself", None
+        if getattr(module, "sparse", False) and not (spec.stateless or spec.kind == "Adagrad"):
+            return f"embedding {module_name} has sparse gradients, which {spec.kind} treats lazily", None
+        if isinstance(module, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.Dropout)):
+            return f"module {module_name} ({type(module).__name__}) behaves per batch", None
+    tables = dict(model.sparse_tables())
+    if not tables or len(set(tables.values())) != len(tables):
+        return "the model's sparse_tables() do not name one parameter per table column", None
+    persistent = [n for n in model.state_dict() if n not in dict(model.named_parameters())]
+    if persistent:
+        return f"the model has persistent buffers ({persistent[0]}) training might change", None
+    if BatchedDLRM.blocker(model) is None:
+        return None, BatchedDLRM(model)
+    return None, FuncBatched(model, list(tables))
+
+
+def _per_client_reason(runner: Any) -> Optional[str]:
+    """Why each client's upload must go through its worker (None: the block's sum of
+    ``sample_num * (trained - start)`` is every client's FedAvg upload summed)."""
+    from fedrec.federated.fed_avg import FedAvgWorker
+    from fedrec.federated_worker import FederatedWorker
+
+    algorithm, name = runner.algorithm, runner.fl.fl_algo.get("name")
+    if not issubclass(algorithm, FedAvgWorker) or algorithm.run is not FedAvgWorker.run or runner.mode != "sum":
+        return f"fl_algo {name!r} is not FedAvg or a FedAvg server-optimizer preset"
+    if (algorithm.client_update is not FederatedWorker.client_update
+            or algorithm.server_values is not FederatedWorker.server_values):
+        return f"fl_algo {name!r} uploads or receives values of its own"
+    if runner.postprocessors:
+        return "fl.postprocessors transform each upload"
+    if runner.fl.local_steps is not None:
+        return "fl.local_steps (a client may not visit every row it uploads)"
+    return None
+
+
+def _identity_rows(module: torch.nn.Module) -> bool:
+    from fedrec.modules.embeddings import TorchBagEmbedding
+
+    return isinstance(module, TorchBagEmbedding)
+
+
+class VectorizedEngine:
+    """Trains blocks of a runner's clients together (see the module docstring)."""
+
+    def __init__(self, runner: Any, forward: Any) -> None:
+        self.runner = runner
+        self.forward = forward
+        self.fl = runner.fl
+        self.model = runner.model
+        self.device = next(self.model.parameters()).device
+        columns = dict(self.model.sparse_tables())
+        self.table_names = sorted(columns, key=lambda n: columns[n])
+        self.table_set = set(self.table_names)
+        self.param_names = [n for n, _ in self.model.named_parameters() if n not in self.table_set]
+        self.dim = int(dict(self.model.named_parameters())[self.table_names[0]].shape[1])
+        self.spec: OptimizerSpec = spec_of(runner._make_optimizer(model=self.model))
+        self.budget = int(self.fl.vectorize_memory_mb) * MIB
+        self.split = runner.trainer.dataset.split("train")
+        self.num_dense = int(self.split.dense.shape[1])
+        self.width = sum(int(p.shape[0]) for n, p in self.model.named_parameters() if n.endswith("bias"))
+        self.per_client_reason = _per_client_reason(runner)
+        self.sums_uploads = self.per_client_reason is None
+        self.param_elements = sum(int(p.numel()) for n, p in self.model.named_parameters() if n in self.param_names)
+
+    # -- memory budget --------------------------------------------------------------------
+    def client_bytes(self, steps: int, max_steps: int) -> int:
+        """An upper bound of the memory one client adds to a block whose longest client
+        takes ``max_steps`` steps (its data are padded to that many)."""
+        return self._own_bytes(steps) + max_steps * self._data_bytes_per_step
+
+    @property
+    def _data_bytes_per_step(self) -> int:
+        # dense features, ids, block positions and their numpy staging, labels and weights
+        return self.fl.local_batch_size * (4 * self.num_dense + 8 * len(self.table_names) * 3 + 16)
+
+    def _own_bytes(self, steps: int) -> int:
+        """What a client takes whatever its block: its rows (with optimizer state and
+        gradients), its stacked parameters and its activations."""
+        batch, tables = self.fl.local_batch_size, len(self.table_names)
+        spec = self.spec
+        state = 4 * (1 + (1 if spec.kind == "SGD" and spec.momentum or spec.kind == "Adagrad" else
+                          2 if spec.kind == "Adam" else 0))
+        rows = steps * batch * tables * self.dim * (state + 8 + (0 if spec.stateless else 4))
+        params = self.param_elements * (state + 8)
+        activations = batch * 4 * 4 * ((tables + 1) ** 2 + tables * self.dim + 4 * self.width)
+        return int(rows + params + activations)
+
+    def chunks(self, client_ids: Sequence[int]) -> List[List[int]]:
+        """``client_ids`` cut, in order, into consecutive blocks that fit the budget."""
+        out: List[List[int]] = []
+        current: List[int] = []
+        own, longest = 0, 0
+        for cid in client_ids:
+            steps = self._steps_of(cid)
+            need = own + self._own_bytes(steps) + (len(current) + 1) * max(longest, steps) * self._data_bytes_per_step
+            if need > self.budget and current:  # close the chunk before this client
+                out.append(current)
+                current, own, longest = [], 0, 0
+                need = self.client_bytes(steps, steps)
+            if need > self.budget:
+                raise VectorizationError(
+                    f"fl.vectorize_memory_mb is {self.fl.vectorize_memory_mb:,} MiB, but client {cid} alone "
+                    f"needs about {-(-need // MIB):,} MiB in the vectorized engine; raise it to at least that")
+            current.append(cid)
+            own += self._own_bytes(steps)
+            longest = max(longest, steps)
+        if current:
+            out.append(current)
+        return out
+
+    def _steps_of(self, cid: int) -> int:
+        n = int(self.runner.partition.sizes[cid])
+        if n == 0:
+            return 0
+        per_epoch = -(-n // self.fl.local_batch_size)
+        return int(self.fl.local_steps) if self.fl.local_steps is not None else per_epoch * (self.fl.local_epochs or 1)
+
+    # -- training ---------------------------------------------------------------------------
+    def train(self, client_ids: Sequence[int], round_of: Dict[int, int],
+              global_state: Dict[str, Any]) -> Dict[int, TrainedClient]:
+        """Train ``client_ids`` from ``global_state``; client ``c`` shuffles with the seed
+        of its round ``round_of[c]``, as the sequential engine does."""
+        cohort, params, table, _, losses = self._train_stacked(client_ids, round_of, global_state)
+        return self._results(cohort, params, table, losses)
+
+    def _train_stacked(self, client_ids: Sequence[int], round_of: Dict[int, int], global_state: Dict[str, Any],
+                       keep_start: bool = False) -> Tuple[Cohort, Dict[str, Tensor], Tensor, Optional[Tensor], Tensor]:
+        """(cohort, stacked trained weights, trained block table, its start if asked, losses)."""
+        runner, fl = self.runner, self.fl
+        visits = []
+        for cid in client_ids:
+            seed = derive_seed(runner.seed, round_of[cid], cid)
+            loader = runner.trainer.client_loader(runner.partition.indices_of(cid), fl.local_batch_size, seed=seed)
+            visits.append(client_visits(loader, fl))
+        cohort = build_cohort(self.split, visits, client_ids, fl.local_batch_size, len(self.table_names), self.device)
+        params, table = self._initial_weights(cohort, global_state)
+        start_rows = table.clone() if keep_start else None
+        losses = self._run(cohort, params, table)
+        return cohort, params, table, start_rows, losses
+
+    def train_sum(self, client_ids: Sequence[int], round_of: Dict[int, int],
+                  global_state: Dict[str, Any]) -> Tuple[WeightedUpdate, List[Any]]:
+        """Train ``client_ids`` and return what their FedAvg uploads add up to, with each
+        client's ``ClientStats`` (only when :attr:`sums_uploads`).
+
+        The sum is ``sum_k n_k * (trained_k - start)``: MLPs whole, tables as rows (a dense
+        table scattered into zeros where the runner sends tables whole), the row weights
+        those of the clients that read each row; the same values and bytes as the clients'
+        own uploads, added up per block instead of client by client.
+        """
+        from fedrec.federated.client_runner import ClientStats
+
+        runner = self.runner
+        cohort, params, table, start_rows, losses = self._train_stacked(client_ids, round_of, global_state,
+                                                                        keep_start=True)
+        sizes = [float(runner.partition.sizes[c]) for c in cohort.client_ids]
+        weight = torch.tensor(sizes, dtype=torch.float32, device=self.device)
+        update = WeightedUpdate(weight=float(sum(float(runner.partition.sizes[c]) for c in sorted(client_ids))),
+                                num_clients=len(client_ids))
+        for name in runner.whole_names:
+            if name in params:
+                delta = params[name] - global_state[name].to(self.device).unsqueeze(0)
+                update.dense[name] = (delta * weight.view((-1,) + (1,) * (delta.dim() - 1))).sum(dim=0)
+        # every row of the block table: its client's weight, its delta
+        row_client = torch.repeat_interleave(torch.arange(cohort.num_clients),
+                                             torch.from_numpy(cohort.segment[:, -1] - cohort.segment[:, 0]))
+        row_deltas = (table - start_rows) * weight[row_client.to(self.device)].unsqueeze(1)
+        for t, name in enumerate(self.table_names):
+            where = self._rows_by_table[t]
+            ids, inverse = torch.unique(cohort.row_ids[where], sorted=True, return_inverse=True)
+            values = torch.zeros((ids.numel(), self.dim), dtype=table.dtype, device=self.device)
+            values.index_add_(0, inverse.to(self.device), row_deltas[where.to(self.device)])
+            if name in runner.whole_names:  # dense updates on the full-table path: the table whole
+                full = torch.zeros_like(runner.replica[name], device=self.device)
+                update.dense[name] = full.index_add_(0, ids.to(self.device), values)
+            else:
+                row_weight = torch.zeros(ids.numel(), dtype=torch.float64)
+                row_weight.index_add_(0, inverse, weight.double().cpu()[row_client[where]])
+                update.rows[name] = RowUpdate(ids, values, row_weight)
+        value_bytes = runner.fl.value_bytes
+        stats = []
+        for k, cid in enumerate(cohort.client_ids):
+            # bytes as each client's own download and upload count them (ClientRunner)
+            rows = 0 if not runner.sparse_mode else int((cohort.segment[k, 1:] - cohort.segment[k, :-1]).sum()) * (
+                8 + self.dim * value_bytes)
+            traffic = runner.dense_bytes + rows
+            stats.append(ClientStats(cid, int(runner.partition.sizes[cid]), int(cohort.counts[:, k].sum()),
+                                     int(cohort.steps[k]), float(losses[k]), traffic, traffic))
+        return update, stats
+
+    def _initial_weights(self, cohort: Cohort, global_state: Dict[str, Any]) -> Tuple[Dict[str, Tensor], Tensor]:
+        k = cohort.num_clients
+        params = {}
+        for name in self.param_names:
+            value = global_state[name].to(self.device)
+            # a copy per client (never a view of the global weights, even when k == 1)
+            params[name] = value.unsqueeze(0).repeat((k,) + (1,) * value.dim())
+        table = torch.empty((int(cohort.row_ids.numel()), self.dim), dtype=torch.float32, device=self.device)
+        self._rows_by_table = []
+        for t, name in enumerate(self.table_names):
+            where = torch.nonzero(cohort.row_table == t).squeeze(1)
+            self._rows_by_table.append(where)
+            if where.numel():
+                source = global_state[name]
+                device = source.values.device if isinstance(source, RowSubset) else source.device
+                rows = gather_rows(source, cohort.row_ids[where].to(device))
+                table[where.to(self.device)] = rows.to(self.device, table.dtype)
+        return params, table
+
+    def _run(self, cohort: Cohort, params: Dict[str, Tensor], table: Tensor) -> Tensor:
+        names = list(params)
+        optimizer = StackedOptimizer(self.spec, [params[n] for n in names] + [table])
+        losses = torch.zeros(cohort.num_clients, dtype=torch.float64)
+        tables = len(self.table_names)
+        for s, active in enumerate(cohort.active):
+            positions = cohort.positions[s, :active]  # [k, B, T]
+            flat = positions.reshape(-1)
+            lookups = table.index_select(0, flat).view(active, -1, tables, self.dim)
+            step_losses, grads, lookup_grads = self.forward.step(
+                {n: params[n][:active] for n in names}, lookups, cohort.dense[s, :active],
+                cohort.label[s, :active], cohort.weight[s, :active])
+            optimizer.step([grads[n] for n in names] + [None], [active] * len(names) + [cohort.active_rows[s]],
+                           row_grads={len(names): (flat, lookup_grads.reshape(-1, self.dim))})
+            losses[:active] += step_losses.to("cpu", torch.float64) * cohort.counts[s, :active]
+        return losses
+
+    def _results(self, cohort: Cohort, params: Dict[str, Tensor], table: Tensor,
+                 losses: Tensor) -> Dict[int, TrainedClient]:
+        counts = cohort.counts.sum(dim=0)
+        out = {}
+        for k, cid in enumerate(cohort.client_ids):
+            rows = {}
+            for t, name in enumerate(self.table_names):
+                where = cohort.rows_of(k, t)
+                rows[name] = (cohort.row_ids[where], table[where])
+            result = LocalTrainResult(int(counts[k]), int(cohort.steps[k]), float(losses[k]))
+            out[cid] = TrainedClient({n: params[n][k] for n in params}, rows, result)
+        return out

@@ -1,0 +1,127 @@
+"""A block of clients' local training data laid out for training them all at once.
+
+Each client visits its rows in exactly the order its sequential loader would (the same
+``client_loader`` shuffles, epoch by epoch, cut at ``local_steps``), so the vectorized
+engine sees the same batches as the sequential one. The block is laid out step-major
+(``[step, client, sample]``) with clients ordered by how many steps they take, longest
+first: the clients still training at step ``s`` are the first ``active[s]``, so a step
+works on contiguous prefixes and a finished client's slots are never touched. A last,
+partial batch is padded; its padding carries loss weight 0 and the real samples ``1/m``,
+which is the mean loss of that smaller batch.
+
+The categorical ids are turned into positions in one *block table*: the rows each client
+reads, client by client and table by table (``(client, table, id)`` sorted), so the
+clients' copies of a row are separate and the block's rows for the active clients are a
+prefix too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any, List, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+_ID_BITS = 40  # ids below 2**40 (row counts far beyond any table here)
+
+
+@dataclasses.dataclass
+class Cohort:
+    client_ids: List[int]  # in engine order: most steps first, then by id
+    steps: np.ndarray  # int64 [K] steps each client takes
+    active: List[int]  # [S] clients still training at each step (a prefix)
+    dense: Tensor  # float32 [S, K, B, D]
+    positions: Tensor  # int64 [S, K, B, T] block-table row of each lookup (padding: 0)
+    label: Tensor  # float32 [S, K, B]
+    weight: Tensor  # float32 [S, K, B] 1/m for the m real samples of a batch, else 0
+    counts: Tensor  # float64 [S, K] real samples in each batch
+    row_ids: Tensor  # int64 [R] the table row each block-table row holds
+    row_table: Tensor  # int64 [R] its table column
+    segment: np.ndarray  # int64 [K, T + 1] block-table offsets: client k's table t rows
+    active_rows: List[int]  # [S] block-table rows of the active clients (a prefix)
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.client_ids)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.active)
+
+    def rows_of(self, k: int, t: int) -> slice:
+        """Block-table rows of client ``k`` (engine order) in table ``t``."""
+        return slice(int(self.segment[k, t]), int(self.segment[k, t + 1]))
+
+
+def client_visits(loader: Any, fl: Any) -> List[np.ndarray]:
+    """The row batches a client's sequential local training visits, in order.
+
+    The same passes as ``train_locally``: ``local_epochs`` passes, or as many as
+    ``local_steps`` batches need (a client without rows takes none)."""
+    batches: List[np.ndarray] = []
+    if loader.num_rows == 0:
+        return batches
+    size = loader.batch_size
+    epochs = itertools.count() if fl.local_steps is not None else range(fl.local_epochs or 1)
+    for epoch in epochs:
+        loader.set_epoch(epoch)
+        order = loader.order()
+        order = np.arange(loader.num_rows) if order is None else np.asarray(order)
+        for lo in range(0, loader.num_rows, size):
+            if fl.local_steps is not None and len(batches) >= fl.local_steps:
+                return batches
+            batches.append(order[lo:lo + size])
+    return batches
+
+
+def build_cohort(split: Any, visits: Sequence[List[np.ndarray]], client_ids: Sequence[int], batch_size: int,
+                 num_tables: int, device: torch.device) -> Cohort:
+    """Lay out ``visits[k]`` (client ``client_ids[k]``'s batches) for the engine."""
+    steps = np.array([len(v) for v in visits], dtype=np.int64)
+    order = sorted(range(len(visits)), key=lambda k: (-steps[k], client_ids[k]))
+    visits = [visits[k] for k in order]
+    client_ids = [int(client_ids[k]) for k in order]
+    steps = steps[order]
+    num_clients, num_steps = len(visits), int(steps.max(initial=0))
+    active = [int((steps > s).sum()) for s in range(num_steps)]
+    rows = np.full((num_steps, num_clients, batch_size), -1, dtype=np.int64)
+    for k, batches in enumerate(visits):
+        for s, batch in enumerate(batches):
+            rows[s, k, :len(batch)] = batch
+    real = rows >= 0
+    slots = np.flatnonzero(real.reshape(-1))  # [n] flat [step, client, sample] of each real sample
+    # read each needed row of the memory-mapped split once, in file order
+    unique, inverse = np.unique(rows.reshape(-1)[slots], return_inverse=True)
+    sparse_real = np.asarray(split.sparse[unique]).astype(np.int64)[inverse]  # [n, T]
+    dense = np.zeros((rows.size, int(split.dense.shape[1])), dtype=np.float32)
+    dense[slots] = np.asarray(split.dense[unique], dtype=np.float32)[inverse]
+    label = np.zeros(rows.size, dtype=np.float32)
+    label[slots] = np.asarray(split.label[unique], dtype=np.float32)[inverse]
+    counts = real.sum(axis=2)
+    weight = np.where(real, 1.0 / np.maximum(counts, 1)[:, :, None], 0.0).astype(np.float32)
+
+    # block table: one copy of each (client, table, id) a client reads, sorted
+    client_of = (slots // batch_size) % max(num_clients, 1)
+    keys = ((client_of[:, None] * num_tables + np.arange(num_tables)[None, :]) << _ID_BITS) | sparse_real
+    block_keys, block_inverse = np.unique(keys, return_inverse=True)
+    positions = np.zeros((rows.size, num_tables), dtype=np.int64)
+    positions[slots] = block_inverse.reshape(-1, num_tables)
+    groups = np.arange(num_clients * num_tables + 1, dtype=np.int64) << _ID_BITS
+    starts = np.searchsorted(block_keys, groups).astype(np.int64)  # start of each (client, table)
+    segment = starts[np.arange(num_clients)[:, None] * num_tables + np.arange(num_tables + 1)[None, :]]
+    active_rows = [int(segment[a - 1, num_tables]) if a else 0 for a in active]
+    row_ids = block_keys & ((1 << _ID_BITS) - 1)
+    row_table = (block_keys >> _ID_BITS) % max(num_tables, 1)
+    shape = rows.shape
+    dense, positions, label = (dense.reshape(shape + (-1,)), positions.reshape(shape + (num_tables,)),
+                               label.reshape(shape))
+
+    def to(array: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+
+    return Cohort(client_ids, steps, active, to(dense), to(positions), to(label), to(weight),
+                  torch.from_numpy(counts.astype(np.float64)), torch.from_numpy(row_ids),
+                  torch.from_numpy(row_table), segment, active_rows)

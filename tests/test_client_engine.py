@@ -1,0 +1,238 @@
+"""The vectorized client engine (fedrec/federated/client_engine.py): each client's training
+equals sequential local training within 1e-5 relative, for DLRM (the batched path) and for
+a second, plain-PyTorch model (the torch.func path), dense and sparse modes, every local
+optimizer; a client's result does not depend on its block; it falls back or fails clearly."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from fedrec.federated.client_engine import VectorizationError
+from fedrec.federated.client_runner import build_client_runner, train_locally
+from fedrec.federated.simulation import Simulation
+from fedrec.modules.embeddings import TorchBagEmbedding
+from fedrec.modules.losses import BCELoss
+from fedrec.utilities import registry
+from fedrec.utilities.logger import MemoryLogger
+from fedrec.utilities.random_state import derive_seed
+from tests.test_mpi import _config, assert_same_run, needs_mpi, simulate
+
+RELATIVE = 1e-5
+
+
+@registry.load("model", "test_wide_and_deep")
+class WideAndDeep(nn.Module):
+    """Not DLRM: a linear part on the dense features plus an MLP on the concatenated
+    embeddings, so the engine must take its generic torch.func path."""
+
+    def __init__(self, table_sizes, num_dense, dim: int = 4) -> None:
+        super().__init__()
+        self.embeddings = nn.ModuleList(TorchBagEmbedding(int(n), dim) for n in table_sizes)
+        self.deep = nn.Sequential(nn.Linear(num_dense + dim * len(table_sizes), 8), nn.Tanh(), nn.Linear(8, 1))
+        self.wide = nn.Linear(num_dense, 1)
+        self.loss_fn = BCELoss()
+
+    def forward(self, dense, sparse):
+        e = torch.cat([table(sparse[:, t]) for t, table in enumerate(self.embeddings)], dim=1)
+        return torch.sigmoid(self.deep(torch.cat((dense, e), dim=1)) + self.wide(dense)).squeeze(-1)
+
+    def loss(self, probs, labels):
+        return self.loss_fn(probs, labels)
+
+    def sparse_tables(self):
+        return [(f"embeddings.{t}.weight", t) for t in range(len(self.embeddings))]
+
+    def rows_touched(self, sparse):
+        return {f"embeddings.{t}.weight": torch.unique(sparse[:, t]) for t in range(len(self.embeddings))}
+
+
+def _runner(config, **fl):
+    config = copy.deepcopy(config)
+    config["fl"].update({"client_engine": "vectorized", **fl})
+    return build_client_runner(config, None, new_partition=True)
+
+
+def _sequential(runner, global_state, cid, round_idx=0):
+    """Client ``cid`` trained the sequential way; returns the model's state afterwards."""
+    runner.model.load_state_dict(global_state)
+    optimizer = runner._make_optimizer(model=runner.model)
+    loader = runner.trainer.client_loader(runner.partition.indices_of(cid), runner.fl.local_batch_size,
+                                          seed=derive_seed(runner.fl.seed, round_idx, cid))
+    result = train_locally(runner.trainer, loader, optimizer, runner.fl)
+    return {k: v.detach().clone() for k, v in runner.model.state_dict().items()}, result
+
+
+def _assert_close_update(trained, reference, start, name, relative=RELATIVE):
+    """The update (trained - start) within RELATIVE of the reference's update in L2 norm,
+    give or take the float32 weights' own rounding (1e-6 of their size per element, about
+    8 units in the last place), which bounds how closely any two implementations agree."""
+    got, want = (trained - start).double(), (reference - start).double()
+    error, scale = float((got - want).norm()), float(want.norm())
+    ulps = 1e-6 * float(start.abs().max()) * want.numel() ** 0.5
+    assert error <= relative * scale + ulps, f"{name}: error {error:.3g} against update norm {scale:.3g}"
+
+
+def _check_engine_against_sequential(runner, clients, relative=RELATIVE):
+    start = {k: v.detach().clone() for k, v in runner.model.state_dict().items()}
+    trained = runner.engine.train(clients, {c: 0 for c in clients}, start)
+    assert sorted(trained) == sorted(clients)
+    moved = 0
+    for cid in clients:
+        reference, result = _sequential(runner, start, cid)
+        mine = trained[cid]
+        assert (mine.result.num_samples, mine.result.num_steps) == (result.num_samples, result.num_steps)
+        assert mine.result.loss_sum == pytest.approx(result.loss_sum, rel=1e-5)
+        for name, value in mine.dense.items():
+            _assert_close_update(value, reference[name], start[name], f"client {cid} {name}", relative)
+        for name, (ids, rows) in mine.rows.items():
+            _assert_close_update(rows, reference[name][ids], start[name][ids], f"client {cid} {name}", relative)
+            moved += int((rows != start[name][ids]).any())
+            if runner.fl.embedding_updates == "dense":  # the rows it never read did not move
+                others = torch.ones(start[name].shape[0], dtype=torch.bool)
+                others[ids] = False
+                assert torch.equal(reference[name][others], start[name][others]), name
+    assert moved, "nothing trained"
+
+
+@pytest.mark.parametrize("fl, local_optimizer", [
+    ({}, None),  # plain SGD, dense mode, one epoch
+    ({"embedding_updates": "sparse", "local_epochs": 2}, {"name": "sgd", "lr": 0.05, "momentum": 0.9,
+                                                          "nesterov": True, "weight_decay": 0.01}),
+    ({"local_epochs": None, "local_steps": 5}, {"name": "sgd", "lr": 0.05, "momentum": 0.5, "dampening": 0.1}),
+    ({"embedding_updates": "sparse", "local_epochs": 2}, {"name": "adagrad", "lr": 0.05, "lr_decay": 0.01}),
+    # Adam divides each element by its own gradient scale, so elements whose gradients are
+    # mostly rounding noise amplify it: over two epochs (58 steps for the largest client)
+    # the updates agree to about 2e-5 (nudging the sequential run's top-MLP weights by one
+    # unit in the last place alone moves its table updates by 1e-6), hence 5e-5 for Adam
+    ({"local_epochs": 2}, {"name": "adam", "lr": 0.01}),
+])
+def test_dlrm_clients_equal_sequential_training(config, fl, local_optimizer):
+    relative = 5e-5 if local_optimizer and local_optimizer["name"] == "adam" else RELATIVE
+    runner = _runner(config, local_optimizer=local_optimizer, **fl)
+    assert runner.engine is not None and runner.engine.forward.name == "dlrm"
+    sizes = runner.partition.sizes
+    clients = [c for c in range(16) if sizes[c] > 0][:10]
+    assert len({-(-int(sizes[c]) // runner.fl.local_batch_size) for c in clients}) > 1  # masking is exercised
+    _check_engine_against_sequential(runner, clients, relative)
+
+
+@pytest.mark.parametrize("local_optimizer", [None, {"name": "adam", "lr": 0.01}])
+def test_a_second_model_takes_the_torch_func_path(config, local_optimizer):
+    config["model"] = {"name": "test_wide_and_deep", "dim": 4, "preproc": config["model"]["preproc"]}
+    runner = _runner(config, local_optimizer=local_optimizer, local_epochs=2)
+    assert runner.engine.forward.name == "torch.func"
+    _check_engine_against_sequential(runner, [c for c in range(12) if runner.partition.sizes[c] > 0][:6])
+
+
+def test_chunks_stay_within_blocks_and_fit_the_budget(config):
+    """A batched matmul's floats can depend on how many clients it batches, so the engine
+    never batches across the fixed reduction blocks (the same for every backend)."""
+    runner = _runner(config, local_epochs=2)
+    engine = runner.engine
+    clients = list(range(20))
+    assert engine.chunks(clients) == [clients]
+    steps = [engine._steps_of(c) for c in clients]
+    one = engine.client_bytes(max(steps), max(steps))
+    engine.budget = 3 * one
+    chunks = engine.chunks(clients)
+    assert [c for chunk in chunks for c in chunk] == clients and len(chunks) > 1
+    for chunk in chunks:
+        longest = max(engine._steps_of(c) for c in chunk)
+        assert sum(engine.client_bytes(engine._steps_of(c), longest) for c in chunk) <= engine.budget
+
+
+def _simulate(config, logdir):
+    sim = Simulation(config, logdir, logger=MemoryLogger())
+    try:
+        history = sim.run()
+        weights = {k: v.clone() for k, v in sim.trainer.model.state_dict().items()}
+    finally:
+        sim.close()
+    return sim, history, weights
+
+
+@pytest.mark.parametrize("fl, summed", [
+    ({"embedding_updates": "sparse", "fl_algo": {"name": "fed_adam", "server_lr": 0.01}, "local_epochs": 2}, True),
+    ({"fl_algo": {"name": "fed_avg"}}, True),  # dense mode, fast path: rows, bytes as dense
+    ({"fl_algo": {"name": "fed_avgm", "server_lr": 0.5, "server_momentum": 0.9}, "dense_fast_path": "off"}, True),
+    ({"fl_algo": {"name": "fed_nova"}, "embedding_updates": "sparse"}, False),  # its own upload
+    ({"postprocessors": [{"name": "l2_clip", "bound": 0.5}]}, False),
+    ({"local_epochs": None, "local_steps": 3, "embedding_updates": "sparse"}, False),
+])
+def test_simulation_with_the_vectorized_engine_matches_the_sequential_one(config, tmp_path, fl, summed):
+    config["fl"].update({"num_rounds": 3, "client_num_per_round": 12, **fl})
+    seq, seq_history, seq_weights = _simulate(copy.deepcopy(config), tmp_path / "seq")
+    config["fl"]["client_engine"] = "auto"
+    vec, vec_history, vec_weights = _simulate(config, tmp_path / "vec")
+    assert seq.runner.engine is None and vec.runner.engine is not None
+    assert "client engine: vectorized (dlrm path" in vec.runner.engine_note
+    assert vec.runner.engine.sums_uploads is summed
+    assert ("uploads summed per block" if summed else "uploads client by client") in vec.runner.engine_note
+    assert any("client engine: vectorized" in line for line in vec.logger.messages)
+    for a, b in zip(seq_history, vec_history):
+        for key in ("samples", "bytes_up", "bytes_down", "clients"):
+            assert a[key] == b[key], key
+        assert a["roc_auc"] == pytest.approx(b["roc_auc"], abs=1e-4)
+    for name in seq_weights:
+        assert torch.allclose(seq_weights[name], vec_weights[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_auto_falls_back_with_a_reason_and_forcing_it_is_a_clear_error(config):
+    config["fl"]["fl_algo"] = {"name": "fed_prox", "mu": 0.1}
+    runner = _runner(config, client_engine="auto")
+    assert runner.engine is None
+    assert runner.engine_note == "client engine: sequential (fl_algo 'fed_prox' has its own local training hooks)"
+    with pytest.raises(VectorizationError, match=r"fed_prox.*use fl.client_engine: auto"):
+        _runner(config)
+    config["fl"].update({"fl_algo": {"name": "fed_avg"}, "local_optimizer": {"name": "rowwise_adagrad", "lr": 0.1}})
+    with pytest.raises(VectorizationError, match="the local optimizer is RowWiseAdagrad; the vectorized engine "
+                                                 "reproduces SGD, Adagrad, Adam"):
+        _runner(config)
+    config["fl"]["local_optimizer"] = None
+    config["model"]["embedding_types"]["base"] = {"name": "qr_emb", "qr_collisions": 2}
+    with pytest.raises(VectorizationError, match="qr_emb|QREmbedding.*maps ids to rows itself"):
+        _runner(config)
+
+
+def test_a_memory_budget_too_small_for_one_client_names_the_size_it_needs(config, tmp_path):
+    config["fl"].update({"client_engine": "vectorized", "vectorize_memory_mb": 1, "local_epochs": 50,
+                         "num_rounds": 1})
+    sim = Simulation(config, tmp_path / "run", logger=MemoryLogger())
+    try:
+        with pytest.raises(Exception, match=r"fl.vectorize_memory_mb is 1 MiB, but client \d+ alone needs "
+                                            r"about \d+ MiB .*raise it to at least that"):
+            sim.run()
+    finally:
+        sim.close()
+
+
+@needs_mpi
+def test_vectorized_engine_under_mpi_gives_the_local_result(synthetic_data, tmp_path):
+    from fedrec.federated.run import run_simulation
+
+    config = _config(synthetic_data["config"], backend="local", num_rounds=2, client_engine="vectorized",
+                     embedding_updates="sparse")
+    run_simulation(config, tmp_path / "local", print_rounds=False)
+    config["fl"]["backend"] = "mpi"
+    simulate(config, tmp_path / "mpi", processes=3)
+    assert_same_run(tmp_path / "local", tmp_path / "mpi")
+
+
+def test_simulate_cli_runs_the_engine_and_refuses_a_misfit_in_one_line(config, tmp_path, capsys):
+    from tests.run_helpers import assert_simulate_refuses, cli, write_config
+
+    config["fl"].update({"num_rounds": 1, "client_engine": "auto", "reduce_blocks": 2})
+    path = write_config(config, tmp_path / "vec.yml")
+    status, _, err = cli(capsys, "simulate", "--config", path, "--logdir", tmp_path / "run")
+    assert status == 0, err
+    log = (tmp_path / "run" / "run.log").read_text()
+    assert "client engine: vectorized (dlrm path; blocks of up to 1,024 MiB, SGD local steps; uploads summed" in log
+    config["fl"].update({"client_engine": "vectorized", "fl_algo": {"name": "scaffold"}})
+    (tmp_path / "refused").mkdir()
+    line = assert_simulate_refuses(config, tmp_path / "refused", capsys,
+                                   "fl.client_engine: vectorized cannot run this config")
+    assert "use fl.client_engine: auto" in line
