@@ -210,6 +210,23 @@ def test_gossip_resumes_exactly(config, tmp_path, algo):
     assert versions == ["r000001.safetensors", "r000002.safetensors"]
 
 
+@pytest.mark.parametrize("which", ["hierarchical", "gossip"])
+def test_the_vectorized_client_engine_serves_edges_and_peers(config, tmp_path, which):
+    """Edges' clients share the edge's model: the engine batches them (results within its
+    tolerance); peers each start from their own model: they train one by one (same bits)."""
+    config = (hierarchical(config, num_edges=2, edge_rounds=2) if which == "hierarchical"
+              else graph(config, kind="ring"))
+    config["fl"].update({"num_rounds": 2, "reduce_blocks": 1})
+    sequential, _ = run(config, tmp_path / "sequential")
+    config["fl"]["client_engine"] = "vectorized"
+    vectorized, _ = run(config, tmp_path / "vectorized")
+    for name, tensor in sequential.global_state.items():
+        if which == "gossip":
+            assert torch.equal(tensor, vectorized.global_state[name]), name
+        else:
+            assert torch.allclose(tensor, vectorized.global_state[name], rtol=1e-4, atol=1e-6), name
+
+
 # -- bad input, before round 1 -------------------------------------------------------------------
 def simulate_error(capsys, config, tmp_path: Path) -> str:
     cfg = write_config(config, tmp_path / "c.yml")
