@@ -149,10 +149,12 @@ def test_a_disconnected_graph_is_warned_with_its_component_count(config, tmp_pat
     ("0 1\n1 2\n2 99\n", "edges.txt:3: unknown worker 99: workers are 0..15 (fl.num_workers 16)"),
     ("0 1\n1\n", "edges.txt:2: expected an edge 'a b' (two worker ids), got '1'"),
     ("# nothing\n", "edges.txt: no edges"),
+    (None, "fl.topology.edge_list_file: cannot read"),
 ])
 def test_bad_edge_list_files_name_file_and_line(config, tmp_path, capsys, text, expected):
     edges = tmp_path / "edges.txt"
-    edges.write_text(text)
+    if text is not None:
+        edges.write_text(text)
     line = simulate_error(capsys, graph(config, kind="file", edge_list_file=str(edges)), tmp_path)
     assert expected in line
 

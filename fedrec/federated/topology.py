@@ -246,11 +246,11 @@ def assign_edges(num_workers: int, edges: int, how: str, seed: int) -> np.ndarra
     return out
 
 
-def _data_lines(path: Path):
+def _data_lines(path: Path, key: str):
     try:
         text = path.read_text()
     except OSError as err:
-        raise ConfigError(f"cannot read {path}: {err.strerror or err}") from None
+        raise ConfigError(f"{key}: cannot read {path}: {err.strerror or err}") from None
     for number, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if line:
@@ -272,7 +272,7 @@ def read_assignment(path_text: str, num_workers: int, num_edges: Optional[int]) 
     path = Path(path_text)
     edge_of = np.full(num_workers, -1, np.int64)
     seen_line: Dict[int, int] = {}
-    for number, line in _data_lines(path):
+    for number, line in _data_lines(path, "fl.topology.assignment_file"):
         client, edge = _int_fields(path, number, line, 2, "'client,edge' (two integers)")
         if not 0 <= client < num_workers:
             raise ConfigError(f"{path}:{number}: unknown worker {client}: clients are 0..{num_workers - 1} "
@@ -398,7 +398,7 @@ def random_regular(n: int, degree: int, rng: np.random.Generator) -> Graph:
 
 def read_edge_list(path: Path, n: int, directed: bool) -> Graph:
     src, dst = [], []
-    for number, line in _data_lines(path):
+    for number, line in _data_lines(path, "fl.topology.edge_list_file"):
         a, b = _int_fields(path, number, line, 2, "an edge 'a b' (two worker ids)")
         for worker in (a, b):
             if not 0 <= worker < n:
