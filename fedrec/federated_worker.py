@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import inspect
 import json
 from pathlib import Path
 from typing import (TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Mapping, MutableMapping, Optional,
@@ -316,7 +317,10 @@ class FederatedWorker(abc.ABC):
         """Local training on this worker's data with the current weights."""
         if "trainer" not in self.roles:
             raise InvalidStateError(f"worker {self.worker_index} has no trainer role")
-        return self._runtime().train(self, model_dir=model_dir)
+        result = self._runtime().train(self, model_dir=model_dir)
+        if inspect.isawaitable(result):  # a runtime that batches many workers' training (gossip)
+            result = await result
+        return result
 
     async def test(self) -> Dict[str, float]:
         """Metrics of this worker's current model on the validation data."""

@@ -5,6 +5,8 @@ from fedrec.federated import (  # noqa: F401  (registrations)
     fed_avg,
     fednova,
     fedprox,
+    gossip,
+    hierarchical,
     partition,
     postprocessors,
     privacy,
@@ -14,6 +16,7 @@ from fedrec.federated import (  # noqa: F401  (registrations)
     scaffold,
     secure_aggregation,
     sparse_privacy,
+    topology,
 )
 from fedrec.federated.config import FLConfig  # noqa: F401
 from fedrec.federated.fed_avg import FedAvgWorker  # noqa: F401

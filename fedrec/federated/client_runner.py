@@ -42,6 +42,15 @@ _RUNTIME_KEYS = ("worker_index", "roles", "in_neighbours", "out_neighbours", "ru
                  "sample_num", "persistent_storage", "client_num_per_round", "extra")
 
 
+#: ``RoundContext.aggregator_id`` of a job whose clients are peers: each its own aggregator
+PEER = -1
+
+
+class PeerStarts(dict):
+    """``RoundJob.global_state`` when every client starts from its own model (the peers of
+    a graph topology): client id -> weights. Each such client is its own aggregator."""
+
+
 @dataclasses.dataclass
 class RoundJob:
     """The work one process does in a round; the global weights travel once in it."""
@@ -255,17 +264,25 @@ class ClientRunner:
         if context is None:
             raise InvalidStateError("no round in progress")
         out = []
+        parent = self._parent(context.round, worker.worker_index)
         for nid in ids:
-            if nid != self.aggregator_id:
+            if nid != parent:
                 raise InvalidStateError(
-                    f"trainer {worker.worker_index} asked worker {nid} for a model; in a star "
-                    f"topology trainers only talk to the aggregator ({self.aggregator_id})"
+                    f"trainer {worker.worker_index} asked worker {nid} for a model; in this round "
+                    f"it talks only to the aggregator that asked it to train ({parent})"
                 )
             neighbour = worker.out_neighbours[nid]
             neighbour.model = context.start
             neighbour.last_sync = context.round.round_idx
             out.append(neighbour)
         return out
+
+    def _parent(self, context: RoundContext, cid: int) -> int:
+        """Client ``cid``'s aggregator this round: the star's, the one the context names,
+        or (``PEER``) the client itself."""
+        if context.aggregator_id is None:
+            return self.aggregator_id
+        return cid if context.aggregator_id == PEER else int(context.aggregator_id)
 
     def train(self, worker: FederatedWorker, model_dir: Optional[str] = None) -> LocalTrainResult:
         context: ClientContext = worker.context
@@ -300,9 +317,12 @@ class ClientRunner:
     def run_job(self, job: RoundJob) -> JobResult:
         """Run every client of ``job``; sum each block's updates in client-id order."""
         result = JobResult()
-        if self.engine is not None and self.engine.sums_uploads:
+        # peers (PeerStarts) each start from their own model: the engine batches clients
+        # that share one start, so they train one after another
+        engine = self.engine if not isinstance(job.global_state, PeerStarts) else None
+        if engine is not None and engine.sums_uploads:
             return self._run_job_summed(job, result)
-        trained = self._engine_chunks(job)
+        trained = self._engine_chunks(job) if engine is not None else None
         for block_index, clients in job.blocks:
             block = WeightedUpdate()
             for cid in clients:
@@ -364,7 +384,8 @@ class ClientRunner:
         state, extra = self.store.get(cid, job.round_idx) if self.store is not None else ({}, {})
         context = ClientContext(
             round=job.context, client_id=cid, sample_num=int(self.partition.sizes[cid]), model=self.model,
-            weights=self.replica, start=job.global_state, dense_names=self.whole_names,
+            weights=self.replica, dense_names=self.whole_names,
+            start=job.global_state[cid] if isinstance(job.global_state, PeerStarts) else job.global_state,
             touched_rows=self._rows_of(cid, job.round_idx) if self.row_updates else {}, local_lr=self._local_lr,
             local_momentum=self._local_momentum, state=state, extra=extra, private_names=self.private_names)
         context.evaluate_loss = functools.partial(self._client_loss, cid)
@@ -376,7 +397,7 @@ class ClientRunner:
         worker = self.algorithm(
             worker_index=cid,
             roles=["trainer"],
-            out_neighbours=NeighbourTable([self.aggregator_id]),
+            out_neighbours=NeighbourTable([self._parent(job.context, cid)]),
             runtime=self,
             round_idx=job.context.client_rounds.get(cid, job.round_idx),
             sample_num=context.sample_num,

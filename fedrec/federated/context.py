@@ -46,6 +46,10 @@ class RoundContext:
     #: per-client round index where it differs from ``round_idx`` (FedBuff: the index of
     #: the launch that started each client; it seeds the client's data order)
     client_rounds: Dict[int, int] = dataclasses.field(default_factory=dict)
+    #: the worker whose request this round answers, where it is not the star's aggregator
+    #: (an edge aggregator of a hierarchy; in a graph the peer itself, which trains from
+    #: its own model): the trainers' out-neighbour
+    aggregator_id: Optional[int] = None
 
 
 @dataclasses.dataclass

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from fedrec.federated.backends import Backend, Block, assign_blocks
-from fedrec.federated.client_runner import ClientRunner, JobResult, RoundJob
+from fedrec.federated.client_runner import ClientRunner, JobResult, PeerStarts, RoundJob
 from fedrec.federated.context import RoundContext
 from fedrec.utilities.registry import RegistryError
 
@@ -402,6 +402,9 @@ class MPIBackend(Backend):
         """What each process downloads with the round's server values: the whole model,
         packed once per round, or in sparse mode a submodel with the MLPs and only the
         rows its clients use (table-shaped server values cut the same way)."""
+        if isinstance(global_state, PeerStarts):  # each process gets its own clients' models
+            return [pack((PeerStarts({c: global_state[c] for _, ids in group for c in ids}), server_values))
+                    for group in groups]
         if self.rows_for is None:
             return [pack((global_state, server_values))] * len(groups)
         from fedrec.federated.update import submodel

@@ -30,11 +30,11 @@ from fedrec.federated.fedbuff import describe as describe_fedbuff
 from fedrec.federated.launch import make_backend
 from fedrec.federated.postprocessors import chain_broadcast, run_server_chain
 from fedrec.federated.resume import check_fingerprint, simulation_fingerprint
+from fedrec.federated.topology import Topology, build_topology, check_run_features, star_link_metrics
 from fedrec.federated.update import sum_updates
 from fedrec.federated.virtual_clock import (DeviceSampler, RoundAbandoned, VirtualClock, append_record, build_clock,
                                             save_profiles, truncate_records)
 from fedrec.federated_worker import Cohort, FederatedWorker, InvalidStateError, Neighbour, NeighbourTable
-from fedrec.utilities import registry
 from fedrec.utilities.checkpoint import LoadedCheckpoint
 from fedrec.utilities.config import ConfigError
 from fedrec.utilities.console import progress_bar
@@ -52,10 +52,9 @@ class RoundRecord:
     plan: Any = None  # the round policy's RoundPlan (runs with fl.devices), or FedBuff's Outcome
 
 
-def check_topology(fl: Any) -> None:
-    """The round loop's own config: the topology (star only)."""
-    if fl.topology.get("name", "star") != "star":
-        raise registry.RegistryError(f"fl.topology {fl.topology.get('name')!r} is not supported; known: star")
+def check_topology(fl: Any) -> Topology:
+    """The round loop's own config: ``fl.topology`` from the registry, laid out and checked."""
+    return build_topology(fl)
 
 
 def final_round(runner: ClientRunner) -> int:
@@ -101,10 +100,15 @@ def check_simulation(runner: ClientRunner) -> Optional[VirtualClock]:
     """What ``Simulation`` builds beyond a process's runner, checked with no side effects
     (``fedrec simulate`` calls this before it touches the logdir); returns the virtual
     clock (device profiles loaded and checked), None without ``fl.devices``."""
-    check_topology(runner.fl)
+    topology = check_topology(runner.fl)
+    check_run_features(runner.fl, topology, runner.private_names)
+    topology.check_algorithm(runner.algorithm, runner.fl.fl_algo.get("name"))
     clock = build_clock(runner)
     build_fedbuff(runner, clock)
-    build_aggregator(runner, _DryRuntime(runner, runner.sampler), None)
+    if topology.name == "star":
+        build_aggregator(runner, _DryRuntime(runner, runner.sampler), None)
+    else:
+        topology.check_workers(runner, _DryRuntime(runner, runner.sampler))
     return clock
 
 
@@ -114,7 +118,8 @@ def devices_digest(clock: Optional[VirtualClock]) -> Optional[str]:
 
 
 class Simulation:
-    """A federated simulation over ``fl.num_workers`` simulated trainers (star topology)."""
+    """A federated simulation over ``fl.num_workers`` simulated trainers, on the star or
+    on another ``fl.topology`` (whose runtime then drives the round)."""
 
     def __init__(self, config: Dict[str, Any], logdir: str | Path, logger: Optional[BaseLogger] = None,
                  config_path: Optional[str] = None, backend: Optional[Backend] = None,
@@ -128,7 +133,7 @@ class Simulation:
         self.logger = logger or NullLogger()
         # Client training runs at fl.client_threads (the backends set it around client
         # work); evaluation here keeps the process's own thread count.
-        check_topology(self.fl)
+        self.topology = check_topology(self.fl)
 
         start = time.perf_counter()
         self.runner = runner or build_client_runner(config, self.logdir, config_path, new_partition=True)
@@ -168,7 +173,16 @@ class Simulation:
         self.global_state: Dict[str, torch.Tensor] = {
             k: v.detach().clone() for k, v in trainer.model.state_dict().items() if k not in private
         }
-        self.aggregator = build_aggregator(self.runner, self, str(self.logdir / "aggregator"))
+        check_run_features(self.fl, self.topology, self.runner.private_names)
+        self.topology.check_algorithm(self.runner.algorithm, self.fl.fl_algo.get("name"))
+        # beyond the star, the topology's runtime holds the other aggregators (edges) or the
+        # peers, and its ``aggregator`` stands where the star's aggregator stands here
+        self.topology_runtime = self.topology.runtime(self)
+        if self.topology_runtime is None:
+            self.aggregator = build_aggregator(self.runner, self, str(self.logdir / "aggregator"))
+        else:
+            self.logger.info(self.topology.describe())
+            self.aggregator = self.topology_runtime.aggregator
         if self.fedbuff is not None:
             self.fedbuff.server_values = self.aggregator.server_values
         self.backend = backend or make_backend(self.fl.backend, self.runner, config, self.logdir,
@@ -200,12 +214,23 @@ class Simulation:
     async def request_models(self, worker: FederatedWorker, ids: Sequence[int]) -> List[Neighbour]:
         if worker is not self.aggregator:
             raise InvalidStateError("only the aggregator requests models from the simulation")
+        return self.train_cohort(worker, ids, self.global_state)
+
+    def train_cohort(self, worker: FederatedWorker, ids: Sequence[int], weights: Dict[str, torch.Tensor],
+                     round_idx: Optional[int] = None, checkpointed_round: Optional[int] = None,
+                     aggregator_id: Optional[int] = None) -> Cohort:
+        """Train aggregator ``worker``'s trainers ``ids`` from ``weights`` through the
+        backend; the returned cohort carries what the algorithm's aggregation needs. An
+        edge aggregator (``aggregator_id``) passes its own weights and round index."""
         unknown = [i for i in ids if i not in worker.in_neighbours]
         if unknown:
             raise InvalidStateError(f"aggregator asked non-neighbours {unknown[:5]} for models")
-        context = RoundContext(self.round_idx, self.seed, server_values=worker.server_values(),
+        round_idx = self.round_idx if round_idx is None else round_idx
+        context = RoundContext(round_idx, self.seed, server_values=worker.server_values(),
                                postprocessor_values=chain_broadcast(self.postprocessors),
-                               checkpointed_round=self.checkpointed_round, cohort=sorted(int(i) for i in ids))
+                               checkpointed_round=self.checkpointed_round if checkpointed_round is None
+                               else checkpointed_round, cohort=sorted(int(i) for i in ids),
+                               aggregator_id=aggregator_id)
         if self.clock is not None:  # the round policy decides who counts, before anyone trains
             plan = self.clock.plan(self.round_idx, ids, self.runner.planned_costs(context.cohort, context,
                                                                                   self.clock.samples))
@@ -214,7 +239,7 @@ class Simulation:
                 raise RoundAbandoned()
             ids = context.cohort = plan.kept
         blocks = make_blocks(ids, self.fl.reduce_blocks)
-        results = self.backend.run_round(context, blocks, self.global_state)
+        results = self.backend.run_round(context, blocks, weights)
         stats = sorted((s for r in results for s in r.stats), key=lambda s: s.client_id)
         self.last_round = RoundRecord(stats, self.last_round.plan)
         reduced = None
@@ -227,7 +252,7 @@ class Simulation:
         for stat in stats:
             neighbour = worker.in_neighbours[stat.client_id]
             neighbour.sample_num = stat.sample_num
-            neighbour.last_sync = self.round_idx
+            neighbour.last_sync = round_idx
             if stat.client_id in models:
                 neighbour.model = models[stat.client_id][1]
             out.append(neighbour)
@@ -289,7 +314,7 @@ class Simulation:
             outcome = self.fedbuff.next_update(self._train_async, self._step_async)
             self.last_round = RoundRecord(outcome.stats, outcome)
         else:
-            try:
+            try:  # the topology's runtime, if any, gathers every worker's stats into last_round
                 self._loop.run_until_complete(self.aggregator.run())
             except RoundAbandoned:  # too few reports: the model and the server state stay as they are
                 pass
@@ -313,6 +338,11 @@ class Simulation:
             row.update(postprocessor.round_metrics(self.round_idx + 1))
             for key, extra in postprocessor.round_byte_corrections().items():
                 row[key] += extra
+        # bytes per link: the topology's own (edge-cloud, gossip) links added to the clients'
+        links = (star_link_metrics(stats) if self.topology_runtime is None
+                 else self.topology_runtime.round_metrics(stats))
+        for key, value in links.items():
+            row[key] = row.get(key, 0) + value
         for key in ("bytes_down", "bytes_up", "samples", "clients"):
             self.totals[key] += row[key]
         if self.fedbuff is not None:
@@ -375,6 +405,7 @@ class Simulation:
             "clock": self.clock.state_dict() if self.clock is not None else None,
             "target": self.target,
             "fedbuff": self.fedbuff.state_dict() if self.fedbuff is not None else None,
+            "topology": self.topology_runtime.state_dict() if self.topology_runtime is not None else None,
         }
 
     def save_checkpoint(self) -> None:
@@ -403,6 +434,8 @@ class Simulation:
             truncate_records(self.logdir, self.round_idx)
         if self.fedbuff is not None:
             self.fedbuff.load_state_dict(state["fedbuff"])
+        if self.topology_runtime is not None:
+            self.topology_runtime.load_state_dict(state.get("topology") or {})
         self.logger.info(f"resumed from {path} at round {self.round_idx}")
         return True
 
