@@ -462,15 +462,21 @@ class ClientRunner:
     def private_rows_and_stored(self, users: np.ndarray,
                                 before_round: int) -> Tuple[Dict[str, torch.Tensor], np.ndarray]:
         """:meth:`private_rows` and, per user, whether its rows came from the store (False:
-        never selected, so the seeded start; FedRecon-style evaluation re-fits those)."""
-        out = {name: torch.empty((len(users),) + tuple(self.replica[name].shape[1:]),
-                                 dtype=self.replica[name].dtype) for name in self.private_names}
+        never selected, so the seeded start; FedRecon-style evaluation re-fits those).
+        Only users with a folder in the store are read (one listing per 1,000 users)."""
+        users = np.asarray(users, np.int64)
+        out = {name: self.model.initial_rows(name, torch.from_numpy(users), self.seed)
+               .to(self.replica[name].dtype) for name in self.private_names}
         stored = np.zeros(len(users), dtype=bool)
-        for k, user in enumerate(np.asarray(users).tolist()):
-            state = self.store.get(int(user), before_round)[0] if self.store is not None else {}
-            stored[k] = any(f"{PRIVATE_PREFIX}{name}" in state for name in self.private_names)
-            for name, values in self.private_rows_from(state, torch.tensor([int(user)])).items():
-                out[name][k] = values[0]
+        if self.store is None or not len(users):
+            return out, stored
+        for k in np.flatnonzero(self.store.written(users)).tolist():
+            state = self.store.get(int(users[k]), before_round)[0]
+            for name in self.private_names:
+                values = state.get(f"{PRIVATE_PREFIX}{name}")
+                if values is not None:
+                    stored[k] = True
+                    out[name][k] = values[0]
         return out, stored
 
     def _embedding_table_names(self) -> List[str]:

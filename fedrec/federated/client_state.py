@@ -22,23 +22,33 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+import numpy as np
 from torch import Tensor
 
 STATE_DIR = "client_state"
 _VERSION_RE = re.compile(r"^r(\d{6,})\.safetensors$")
 _EXTRA_KEY = "fedrec_extra"
+_SHARD = 1000  # clients per shard folder
 
 
 class ClientStateStore:
-    """Versioned per-client tensors (and JSON-safe extras) in a sharded folder."""
+    """Versioned per-client tensors (and JSON-safe extras) in a sharded folder.
+
+    Paths are plain strings: ``pathlib`` interns every path component, so touching
+    100,000 clients' folders would leave a 100,000-entry table of interned names behind.
+    """
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        self._root = os.fspath(self.root)
 
-    def _client_dir(self, client_id: int) -> Path:
-        return self.root / f"{client_id // 1000:05d}" / str(client_id)
+    def _shard_dir(self, shard: int) -> str:
+        return os.path.join(self._root, f"{shard:05d}")
 
-    def _versions(self, client_id: int) -> List[Tuple[int, Path]]:
+    def _client_dir(self, client_id: int) -> str:
+        return os.path.join(self._shard_dir(client_id // _SHARD), str(client_id))
+
+    def _versions(self, client_id: int) -> List[Tuple[int, str]]:
         folder = self._client_dir(client_id)
         try:
             names = os.listdir(folder)
@@ -48,8 +58,20 @@ class ClientStateStore:
         for name in names:
             match = _VERSION_RE.match(name)
             if match:
-                found.append((int(match.group(1)), folder / name))
+                found.append((int(match.group(1)), os.path.join(folder, name)))
         return sorted(found)
+
+    def written(self, client_ids: np.ndarray) -> np.ndarray:
+        """bool per client id: whether it has a folder (state written in some round). One
+        listing per 1,000 clients, so a caller can skip the clients never written."""
+        client_ids = np.asarray(client_ids, np.int64)
+        found: List[int] = []
+        for shard in np.unique(client_ids // _SHARD).tolist():
+            try:
+                found.extend(int(n) for n in os.listdir(self._shard_dir(shard)) if n.isdigit())
+            except FileNotFoundError:
+                continue
+        return np.isin(client_ids, np.asarray(found, np.int64))
 
     def get(self, client_id: int, round_idx: int) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
         """The client's newest state written before round ``round_idx``: (tensors, extra)."""
@@ -59,7 +81,7 @@ class ClientStateStore:
         from safetensors import safe_open
 
         tensors: Dict[str, Tensor] = {}
-        with safe_open(str(older[-1]), framework="pt") as handle:
+        with safe_open(older[-1], framework="pt") as handle:
             extra = json.loads((handle.metadata() or {}).get(_EXTRA_KEY, "{}"))
             for key in handle.keys():
                 tensors[key] = handle.get_tensor(key)
@@ -75,14 +97,15 @@ class ClientStateStore:
         from safetensors.torch import save_file
 
         folder = self._client_dir(client_id)
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"r{round_idx:06d}.safetensors"
-        tmp = folder / f".{path.name}.tmp-{os.getpid()}"
+        os.makedirs(folder, exist_ok=True)
+        name = f"r{round_idx:06d}.safetensors"
+        path = os.path.join(folder, name)
+        tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
         plain = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-        save_file(plain, str(tmp), metadata={_EXTRA_KEY: json.dumps(dict(extra or {}))})
+        save_file(plain, tmp, metadata={_EXTRA_KEY: json.dumps(dict(extra or {}))})
         os.replace(tmp, path)
         self._prune(client_id, round_idx, checkpointed_round)
-        return path.stat().st_size
+        return os.path.getsize(path)
 
     def _prune(self, client_id: int, newest: int, checkpointed_round: int) -> None:
         versions = [(v, p) for v, p in self._versions(client_id) if v < newest]
@@ -90,7 +113,10 @@ class ClientStateStore:
         keep = max(needed) if needed else None
         for version, path in versions:
             if version != keep:
-                path.unlink(missing_ok=True)
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
 
     def nbytes(self) -> int:
         """Bytes on disk (for reports; walks the folder)."""
