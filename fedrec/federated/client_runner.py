@@ -26,7 +26,7 @@ from fedrec.federated.client_state import STATE_DIR, ClientStateStore
 from fedrec.federated.config import FLConfig, fl_config_from, import_modules
 from fedrec.federated.context import ClientContext, RoundContext
 from fedrec.federated.postprocessors import Postprocessor, build_chain, run_client_chain
-from fedrec.federated.update import WeightedUpdate, gather_rows
+from fedrec.federated.update import BlockSum, WeightedUpdate, gather_rows
 from fedrec.federated_worker import FederatedWorker, InvalidStateError, Neighbour, NeighbourTable
 from fedrec.trainers.base_trainer import LocalTrainResult
 from fedrec.utilities import registry
@@ -284,17 +284,17 @@ class ClientRunner:
         """Run every client of ``job``; sum each block's updates in client-id order."""
         result = JobResult()
         for block_index, clients in job.blocks:
-            block = WeightedUpdate()
+            block = BlockSum()
             for cid in clients:
                 upload = self._run_client(cid, job, result)
                 if self.mode == "sum":
-                    block.add_(upload)
+                    block.add(upload)
                 elif self.mode == "updates":
                     result.updates.append((cid, upload))
                 else:
                     result.models.append((cid, result.stats[-1].sample_num, upload))
             if self.mode == "sum":
-                result.block_updates.append((block_index, block))
+                result.block_updates.append((block_index, block.result()))
         return result
 
     def client_context(self, cid: int, job: RoundJob) -> ClientContext:

@@ -112,6 +112,8 @@ class RecLoader:
         self.shuffle, self.seed, self.resample = shuffle, int(seed), resample
         self.epoch = 0
         self.start_batch = 0
+        #: without ``resample`` every epoch has the same draw: made once, kept here
+        self.fixed_negatives: Optional[np.ndarray] = None
 
     @property
     def batches_per_epoch(self) -> int:
@@ -127,9 +129,15 @@ class RecLoader:
         """int64 [rows, num_negatives] for ``indices`` in their given order (or None)."""
         if not self.num_negatives or not len(self.indices):
             return None
+        if not self.resample and self.fixed_negatives is not None:
+            return self.fixed_negatives
         seed = derive_seed(self.seed, epoch) if self.resample else self.seed
         users = np.asarray(self.split.user[self.indices])
-        return self.rated.sample(users, self.num_negatives, np.random.default_rng(seed))
+        drawn = self.rated.sample(users, self.num_negatives, np.random.default_rng(seed))
+        if not self.resample:
+            drawn.setflags(write=False)
+            self.fixed_negatives = drawn
+        return drawn
 
     def __iter__(self) -> Iterator[RecBatch]:
         negatives = self.negatives(self.epoch)
@@ -172,6 +180,8 @@ class RecTrainer(BaseTrainer):
         self.train_keys = np.unique(np.asarray(train.user, np.int64) * self.dataset.num_items
                                     + np.asarray(train.item, np.int64))
         self._loaders: Optional[Dict[str, Any]] = None
+        #: (seed, rows, negatives) of the last client_touched_rows, for the client's loader
+        self._drawn: Optional[tuple] = None
         super().__init__(config_dict, train_config, logger, model_preproc, logdir)
         if self.model.loss_function == "mse" and self.dataset.feedback != "explicit":
             raise ConfigError("model.loss_function mse fits ratings, but the data were preprocessed with "
@@ -206,17 +216,24 @@ class RecTrainer(BaseTrainer):
         return self._loaders
 
     def client_loader(self, indices: np.ndarray, batch_size: int, seed: int, shuffle: bool = True) -> RecLoader:
-        """One federated client's rows; its negatives are drawn once from ``seed``."""
-        return RecLoader(self.dataset.split("train"), batch_size, self.rated, self.num_negatives,
-                         indices=indices, shuffle=shuffle, seed=seed, resample=False)
+        """One federated client's rows; its negatives are drawn once from ``seed`` (or taken
+        from :meth:`client_touched_rows` of the same rows and seed, which drew them first)."""
+        loader = RecLoader(self.dataset.split("train"), batch_size, self.rated, self.num_negatives,
+                           indices=indices, shuffle=shuffle, seed=seed, resample=False)
+        drawn, self._drawn = self._drawn, None
+        if drawn is not None and drawn[0] == loader.seed and np.array_equal(drawn[1], loader.indices):
+            loader.fixed_negatives = drawn[2]
+        return loader
 
     def client_touched_rows(self, indices: np.ndarray, seed: int) -> Dict[str, torch.Tensor]:
-        """Item rows a client's round reads: its rated items plus its sampled negatives."""
+        """Item rows a client's round reads: its rated items plus its sampled negatives
+        (kept for the client's next :meth:`client_loader`, so they are drawn once)."""
         loader = self.client_loader(indices, 1, seed)
         items = [np.asarray(self.dataset.split("train").item[loader.indices])]
         negatives = loader.negatives()
         if negatives is not None:
             items.append(negatives.reshape(-1))
+            self._drawn = (loader.seed, loader.indices, negatives)
         return self.model.rows_touched(torch.from_numpy(np.concatenate(items)))
 
     def client_users(self, indices: np.ndarray) -> np.ndarray:
