@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -94,15 +95,14 @@ class ClientStateStore:
         Older versions are removed except the newest one before ``checkpointed_round``
         (what a resume from the newest checkpoint would read).
         """
-        from safetensors.torch import save_file
-
         folder = self._client_dir(client_id)
-        os.makedirs(folder, exist_ok=True)
+        if not os.path.isdir(folder):  # (a stat; a failing mkdir costs more, once per client and round)
+            os.makedirs(folder, exist_ok=True)
         name = f"r{round_idx:06d}.safetensors"
         path = os.path.join(folder, name)
         tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
-        plain = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-        save_file(plain, tmp, metadata={_EXTRA_KEY: json.dumps(dict(extra or {}))})
+        plain = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+        _save(plain, tmp, {_EXTRA_KEY: json.dumps(dict(extra or {}))})
         os.replace(tmp, path)
         self._prune(client_id, round_idx, checkpointed_round)
         return os.path.getsize(path)
@@ -132,3 +132,21 @@ def rows_of(state: Mapping[str, Tensor], name: str) -> Optional[Tuple[Tensor, Te
     """``(ids, values)`` stored by :func:`split_rows`, or None."""
     ids = state.get(f"{name}@ids")
     return None if ids is None else (ids, state[f"{name}@rows"])
+
+
+def _save(tensors: Dict[str, Tensor], path: str, metadata: Dict[str, str]) -> None:
+    """``safetensors.torch.save_file``, through safetensors' own ``serialize_file`` where
+    it takes tensor pointers (0.8+): the same bytes, without save_file's checks for
+    shared or sparse tensors (these are fresh dense clones), which cost as much as the
+    write itself for a user's one-row state."""
+    import safetensors
+
+    spec = getattr(safetensors, "TensorSpec", None)
+    if spec is None or sys.byteorder != "little":
+        from safetensors.torch import save_file
+
+        save_file(tensors, path, metadata=metadata)
+        return
+    specs = {k: spec(dtype=str(v.dtype).split(".")[-1], shape=list(v.shape), data_ptr=v.data_ptr(),
+                     data_len=v.numel() * v.element_size()) for k, v in tensors.items()}
+    safetensors.serialize_file(specs, path, metadata=metadata)  # ``tensors`` keeps the memory alive
