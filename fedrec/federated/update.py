@@ -228,11 +228,12 @@ class WeightedUpdate:
 
 
 def sum_updates(updates: Iterable[WeightedUpdate]) -> WeightedUpdate:
-    """Sum in the given order (callers pass client-id or block order for determinism)."""
-    total = WeightedUpdate()
+    """Sum in the given order (callers pass client-id or block order for determinism);
+    the same as chaining ``add_``, with each table's rows merged once (:class:`BlockSum`)."""
+    total = BlockSum()
     for update in updates:
-        total.add_(update)
-    return total
+        total.add(update)
+    return total.result()
 
 
 class BlockSum:
