@@ -286,6 +286,9 @@ def floor(args: argparse.Namespace) -> None:
                          "local_epochs": args.local_epochs, "eval_every_n_rounds": 10 ** 6,
                          "fl_algo": {"name": "fed_avg"}})
     preprocess(config)
+    import shutil
+
+    shutil.rmtree(Path(args.workdir) / "floor", ignore_errors=True)  # no state left from an earlier run
     sim = Simulation(with_data_defaults(config), Path(args.workdir) / "floor")
     result = compare_with_floor(sim, args.floor_rounds)
     sim.close()

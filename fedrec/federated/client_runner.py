@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -318,7 +319,8 @@ class ClientRunner:
             runtime=self,
             round_idx=job.context.client_rounds.get(cid, job.round_idx),
             sample_num=context.sample_num,
-            persistent_storage=str(self.logdir / "workers" / str(cid)) if self.logdir else None,
+            # (a plain string: pathlib would intern every client id it is given)
+            persistent_storage=os.path.join(self.logdir, "workers", str(cid)) if self.logdir else None,
             client_num_per_round=self.fl.client_num_per_round,
             extra=context.extra,
             **self.algorithm_kwargs,
@@ -429,7 +431,10 @@ class ClientRunner:
 
     # -- private user embeddings ------------------------------------------------------------
     def _client_users(self, cid: int) -> torch.Tensor:
-        return torch.from_numpy(self.trainer.client_users(self.partition.indices_of(cid)))
+        cached = self.__dict__.get("_users_of")  # the last client's (read when it loads and saves)
+        if cached is None or cached[0] != cid:
+            cached = self._users_of = (cid, torch.from_numpy(self.trainer.client_users(self.partition.indices_of(cid))))
+        return cached[1]
 
     def _load_private(self, context: ClientContext) -> None:
         """Put the client's own rows (stored, or their seeded start) into the replica."""
