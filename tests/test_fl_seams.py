@@ -238,6 +238,36 @@ def test_state_store_files_are_plain_safetensors_and_written_lists_clients(tmp_p
     assert store.written(np.array([1234, 7, 8, 1235, 99999])).tolist() == [True, True, False, False, False]
 
 
+# -- sums of row updates -------------------------------------------------------------------------
+def test_block_sum_is_the_chain_of_adds_bit_for_bit():
+    from fedrec.federated.update import BlockSum, sum_updates
+
+    gen = torch.Generator().manual_seed(5)
+
+    def client(k: int) -> WeightedUpdate:
+        ids = torch.unique(torch.randint(0, 40, (12,), generator=gen))
+        values = torch.randn(len(ids), 3, generator=gen) * 10.0 ** float(k % 5 - 2)  # mixed magnitudes
+        rows = RowUpdate(ids, values, torch.rand(len(ids), generator=gen, dtype=torch.float64))
+        return WeightedUpdate({"w": torch.randn(4, generator=gen)}, {"t": rows}, float(k + 1), 1)
+
+    updates = [client(k) for k in range(9)]
+    chain = WeightedUpdate()
+    for update in updates:
+        chain.add_(update)
+    block = BlockSum()
+    for update in [WeightedUpdate()] + updates:  # an update of no clients adds nothing
+        block.add(update)
+    for total in (block.result(), sum_updates(updates)):
+        assert total.weight == chain.weight and total.num_clients == 9
+        assert torch.equal(total.dense["w"], chain.dense["w"])
+        for field in ("ids", "values", "row_weight"):
+            assert torch.equal(getattr(total.rows["t"], field), getattr(chain.rows["t"], field)), field
+    other = BlockSum()
+    other.add(updates[0])
+    with pytest.raises(ValueError, match="different parameters"):
+        other.add(WeightedUpdate({"w": torch.zeros(4)}, {}, 1.0, 1))
+
+
 # -- client hooks -----------------------------------------------------------------------------------
 class _Tiny(torch.nn.Module):
     """A linear layer and a sparse-gradient table, named like a model's parameters."""
