@@ -14,7 +14,6 @@ table follows at the end (on stderr, so that stdout stays JSON lines).
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path
@@ -224,14 +223,14 @@ def scale(args: argparse.Namespace) -> Dict[str, Any]:
     phase_peaks["evaluation"] = current_peak_rss_mib()
     breakdown = per_user_bytes(sim, per_user)
     sim.close()
-    row = dict(bench="movielens_scale", users=args.scale_users, embedding_dim=64, rows=meta["rows"],
-               private_embedding_mb=args.scale_users * 64 * 4 / 1e6, synth_seconds=synth_s,
-               preprocess_seconds=pre_s, setup_seconds=setup_s, seconds_per_round=sum(rounds_s) / len(rounds_s),
-               rounds=len(rounds_s), eval_seconds=eval_s, peak_rss_mib_before_sim=rss_before,
-               peak_rss_mib=peak_rss_mib(),
-               peak_rss_mib_sim=max(phase_peaks.values()) if peak_reset else None,
-               peak_rss_mib_by_phase=phase_peaks if peak_reset else None,
-               bytes_per_user=breakdown, oracle_hr10=meta["oracle_hr@10"], hr10=metrics.get("hr@10"))
+    row = {"bench": "movielens_scale", "users": args.scale_users, "embedding_dim": 64, "rows": meta["rows"],
+           "private_embedding_mb": args.scale_users * 64 * 4 / 1e6, "synth_seconds": synth_s,
+           "preprocess_seconds": pre_s, "setup_seconds": setup_s, "seconds_per_round": sum(rounds_s) / len(rounds_s),
+           "rounds": len(rounds_s), "eval_seconds": eval_s, "peak_rss_mib_before_sim": rss_before,
+           "peak_rss_mib": peak_rss_mib(),
+           "peak_rss_mib_sim": max(phase_peaks.values()) if peak_reset else None,
+           "peak_rss_mib_by_phase": phase_peaks if peak_reset else None,
+           "bytes_per_user": breakdown, "oracle_hr10": meta["oracle_hr@10"], "hr10": metrics.get("hr@10")}
     emit(**row)
     if args.compare_users:
         compare(args, row)
@@ -257,8 +256,8 @@ def compare(args: argparse.Namespace, row: Dict[str, Any]) -> None:
     emit(bench="movielens_scale_growth", users=[small["users"], row["users"]], ratings=[small["rows"], row["rows"]],
          peak_mib=[small[key], row[key]], measured_bytes_per_user=growth, held_bytes_per_user=held,
          held_total=sum(held.values()), unexplained_bytes_per_user=growth - sum(held.values()))
-    lines = [f"peak RSS of the simulation: {small[key]:.0f} MiB at {small['users']:,} users, {row[key]:.0f} MiB at "
-             f"{row['users']:,} users ({small['rows']:,} vs {row['rows']:,} ratings): {growth:.0f} bytes per extra user"]
+    lines = [(f"peak RSS of the simulation: {small[key]:.0f} MiB at {small['users']:,} users, {row[key]:.0f} MiB at "
+              f"{row['users']:,} users ({small['rows']:,} vs {row['rows']:,} ratings): {growth:.0f} bytes per extra user")]
     if row["peak_rss_mib_by_phase"] and small["peak_rss_mib_by_phase"]:
         for phase, peak in row["peak_rss_mib_by_phase"].items():
             was = small["peak_rss_mib_by_phase"][phase]
