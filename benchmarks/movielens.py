@@ -2,6 +2,7 @@
 
     python benchmarks/movielens.py                         # the table on ml-latest-small
     python benchmarks/movielens.py --scale_users 100000    # synthetic users: memory and seconds per round
+    python benchmarks/movielens.py --scale_users 100000 --compare_users 10000   # + memory growth per user
     python benchmarks/movielens.py --floor_rounds 10       # a FedAvg MF round over its compute floor
 
 Table: centralized biased MF, NeuMF and two-tower, and federated (every user a client, 50 users per
@@ -13,7 +14,6 @@ table follows at the end (on stderr, so that stdout stays JSON lines).
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path
@@ -133,7 +133,47 @@ def table(args: argparse.Namespace) -> None:
     print("\n".join(lines), file=sys.stderr)
 
 
-def scale(args: argparse.Namespace) -> None:
+def reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS count (Linux: ``/proc/self/clear_refs``), so that a
+    later peak excludes what came before (synthesis, preprocessing); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def current_peak_rss_mib() -> float:
+    """The peak RSS since the last :func:`reset_peak_rss` (VmHWM), else since the start."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return peak_rss_mib()
+
+
+def per_user_bytes(sim: Any, per_user: Dict[str, Any]) -> Dict[str, float]:
+    """Bytes per user of everything the simulation and its evaluation hold per user,
+    read from the live objects: what memory may grow by with users at fixed ratings."""
+    users = sim.trainer.dataset.num_users
+    model = sim.trainer.model
+    table = sim.aggregator.in_neighbours
+    rank_arrays = 2 if sim.trainer.train_config.full_ranking else 1  # score_split's ranks, held while summarised
+    return {
+        "private_user_rows": sum(model.get_parameter(n).numel() * model.get_parameter(n).element_size()
+                                 for n in model.private_tables()) / users,
+        "partition_offsets": sim.partition.offsets.nbytes / users,
+        "aggregator_neighbour_table": (table._ids.nbytes + table._sample_nums.nbytes) / users,
+        "evaluation_results": (sum(v.nbytes for v in per_user.values()) + rank_arrays * 8 * len(per_user["user"])
+                               + 8 + 1) / users,  # + the user ids and the stored flags of evaluate_federated
+    }
+
+
+def scale(args: argparse.Namespace) -> Dict[str, Any]:
     """Synthetic users with 64-dimensional private embeddings: peak RSS and seconds per round."""
     from fedrec.data.synthetic_ratings import synthesize_ratings
 
@@ -159,23 +199,77 @@ def scale(args: argparse.Namespace) -> None:
     preprocess(config)
     pre_s = time.perf_counter() - start
     rss_before = peak_rss_mib()
+    import shutil
+
     from fedrec.federated.simulation import Simulation
     from fedrec.runner import with_data_defaults
 
+    shutil.rmtree(workdir / "run", ignore_errors=True)  # a fresh state store each time
+    peak_reset = reset_peak_rss()
     start = time.perf_counter()
     sim = Simulation(with_data_defaults(config), workdir / "run")
     setup_s = time.perf_counter() - start
-    history = sim.run()
+    phase_peaks = {"setup": current_peak_rss_mib()}
+    reset_peak_rss()
+    history = sim.run()  # its last round is evaluated too
+    phase_peaks["rounds"] = current_peak_rss_mib()
     rounds_s = [r["round_seconds"] for r in history]
+    reset_peak_rss()
     start = time.perf_counter()
-    metrics = sim.evaluate()
+    before = sim.round_idx + 1  # as Simulation.evaluate: the rows stored after the last round
+    metrics, per_user = sim.trainer.evaluate_federated(
+        sim.global_state, lambda users: sim.runner.private_rows_and_stored(users, before))
     eval_s = time.perf_counter() - start
+    phase_peaks["evaluation"] = current_peak_rss_mib()
+    breakdown = per_user_bytes(sim, per_user)
     sim.close()
-    emit(bench="movielens_scale", users=args.scale_users, embedding_dim=64, rows=meta["rows"],
-         private_embedding_mb=args.scale_users * 64 * 4 / 1e6, synth_seconds=synth_s, preprocess_seconds=pre_s,
-         setup_seconds=setup_s, seconds_per_round=sum(rounds_s) / len(rounds_s), rounds=len(rounds_s),
-         eval_seconds=eval_s, peak_rss_mib_before_sim=rss_before, peak_rss_mib=peak_rss_mib(),
-         oracle_hr10=meta["oracle_hr@10"], hr10=metrics.get("hr@10"))
+    row = {"bench": "movielens_scale", "users": args.scale_users, "embedding_dim": 64, "rows": meta["rows"],
+           "private_embedding_mb": args.scale_users * 64 * 4 / 1e6, "synth_seconds": synth_s,
+           "preprocess_seconds": pre_s, "setup_seconds": setup_s, "seconds_per_round": sum(rounds_s) / len(rounds_s),
+           "rounds": len(rounds_s), "eval_seconds": eval_s, "peak_rss_mib_before_sim": rss_before,
+           "peak_rss_mib": peak_rss_mib(),
+           "peak_rss_mib_sim": max(phase_peaks.values()) if peak_reset else None,
+           "peak_rss_mib_by_phase": phase_peaks if peak_reset else None,
+           "bytes_per_user": breakdown, "oracle_hr10": meta["oracle_hr@10"], "hr10": metrics.get("hr@10")}
+    emit(**row)
+    if args.compare_users:
+        compare(args, row)
+    return row
+
+
+def compare(args: argparse.Namespace, row: Dict[str, Any]) -> None:
+    """The same number of ratings over ``--compare_users`` users, in a fresh process: how
+    much the simulation's peak grows per user, next to what it holds per user."""
+    import json
+    import subprocess
+
+    ratings = args.scale_users * args.ratings_per_user
+    other = subprocess.run([sys.executable, __file__, "--workdir", args.workdir, "--rounds", str(args.rounds),
+                            "--scale_users", str(args.compare_users),
+                            "--ratings_per_user", str(ratings // args.compare_users)],
+                           check=True, capture_output=True, text=True)
+    small = json.loads(other.stdout.strip().splitlines()[-1])
+    emit(**small)
+    key = "peak_rss_mib_sim" if row["peak_rss_mib_sim"] is not None else "peak_rss_mib"
+    growth = (row[key] - small[key]) * 2 ** 20 / (row["users"] - small["users"])
+    held = row["bytes_per_user"]
+    emit(bench="movielens_scale_growth", users=[small["users"], row["users"]], ratings=[small["rows"], row["rows"]],
+         peak_mib=[small[key], row[key]], measured_bytes_per_user=growth, held_bytes_per_user=held,
+         held_total=sum(held.values()), unexplained_bytes_per_user=growth - sum(held.values()))
+    lines = [(f"peak RSS of the simulation: {small[key]:.0f} MiB at {small['users']:,} users, {row[key]:.0f} MiB at "
+              f"{row['users']:,} users ({small['rows']:,} vs {row['rows']:,} ratings): {growth:.0f} bytes per extra user")]
+    if row["peak_rss_mib_by_phase"] and small["peak_rss_mib_by_phase"]:
+        for phase, peak in row["peak_rss_mib_by_phase"].items():
+            was = small["peak_rss_mib_by_phase"][phase]
+            lines.append(f"  {phase:12s} peak {was:6.0f} -> {peak:6.0f} MiB: "
+                         f"{(peak - was) * 2 ** 20 / (row['users'] - small['users']):5.0f} bytes per extra user")
+    lines.append("held per user (measured from the objects, at the larger run):")
+    lines += [f"  {name:28s} {value:8.1f} B" for name, value in held.items()]
+    rest = growth - sum(held.values())
+    lines.append(f"  {'total':28s} {sum(held.values()):8.1f} B; " + (
+        f"the peak grows by {-rest:.0f} B a user less (not all of it is live at the peak)" if rest <= 0 else
+        f"{rest:.0f} B a user more is not accounted for"))
+    print("\n".join(lines), file=sys.stderr)
 
 
 def floor(args: argparse.Namespace) -> None:
@@ -191,6 +285,9 @@ def floor(args: argparse.Namespace) -> None:
                          "local_epochs": args.local_epochs, "eval_every_n_rounds": 10 ** 6,
                          "fl_algo": {"name": "fed_avg"}})
     preprocess(config)
+    import shutil
+
+    shutil.rmtree(Path(args.workdir) / "floor", ignore_errors=True)  # no state left from an earlier run
     sim = Simulation(with_data_defaults(config), Path(args.workdir) / "floor")
     result = compare_with_floor(sim, args.floor_rounds)
     sim.close()
@@ -212,6 +309,9 @@ def main() -> None:
     parser.add_argument("--ratings_per_user", type=int, default=20,
                         help="with --scale_users: mean ratings per user (hold users x this fixed to see what "
                              "memory grows with users alone; rerun the same command for a peak without synthesis)")
+    parser.add_argument("--compare_users", type=int,
+                        help="with --scale_users: also run this many users with the same number of ratings (in a "
+                             "fresh process) and print the peak's growth per user next to a per-user breakdown")
     parser.add_argument("--floor_rounds", type=int, help="instead of the table: FedAvg MF rounds against the "
                         "compute floor (the same batches trained centrally)")
     args = parser.parse_args()

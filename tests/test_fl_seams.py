@@ -219,6 +219,55 @@ def test_state_store_reads_the_newest_older_version_and_prunes(tmp_path):
     assert not list(tmp_path.rglob("*.tmp-*"))
 
 
+def test_state_store_files_are_plain_safetensors_and_written_lists_clients(tmp_path):
+    from safetensors.torch import save_file
+
+    from fedrec.federated.client_state import _EXTRA_KEY
+
+    store = ClientStateStore(tmp_path / "store")
+    assert not store.written(np.array([0, 1])).any()  # no folder at all yet
+    tensors = {"f": torch.randn(2, 3), "d": torch.zeros(1, dtype=torch.float64), "i": torch.tensor(7),
+               "e": torch.zeros(0, 4), "h": torch.randn(3).to(torch.bfloat16)}
+    store.put(1234, 3, tensors, {"seen": 1})
+    store.put(7, 0, {"f": torch.ones(1)})
+    save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={_EXTRA_KEY: '{"seen": 1}'})
+    written = tmp_path / "store" / "00001" / "1234" / "r000003.safetensors"
+    assert written.read_bytes() == (tmp_path / "ref.safetensors").read_bytes()  # what save_file writes
+    got, extra = store.get(1234, 4)
+    assert extra == {"seen": 1} and all(torch.equal(got[k], v) for k, v in tensors.items())
+    assert store.written(np.array([1234, 7, 8, 1235, 99999])).tolist() == [True, True, False, False, False]
+
+
+# -- sums of row updates -------------------------------------------------------------------------
+def test_block_sum_is_the_chain_of_adds_bit_for_bit():
+    from fedrec.federated.update import BlockSum, sum_updates
+
+    gen = torch.Generator().manual_seed(5)
+
+    def client(k: int) -> WeightedUpdate:
+        ids = torch.unique(torch.randint(0, 40, (12,), generator=gen))
+        values = torch.randn(len(ids), 3, generator=gen) * 10.0 ** float(k % 5 - 2)  # mixed magnitudes
+        rows = RowUpdate(ids, values, torch.rand(len(ids), generator=gen, dtype=torch.float64))
+        return WeightedUpdate({"w": torch.randn(4, generator=gen)}, {"t": rows}, float(k + 1), 1)
+
+    updates = [client(k) for k in range(9)]
+    chain = WeightedUpdate()
+    for update in updates:
+        chain.add_(update)
+    block = BlockSum()
+    for update in [WeightedUpdate()] + updates:  # an update of no clients adds nothing
+        block.add(update)
+    for total in (block.result(), sum_updates(updates)):
+        assert total.weight == chain.weight and total.num_clients == 9
+        assert torch.equal(total.dense["w"], chain.dense["w"])
+        for field in ("ids", "values", "row_weight"):
+            assert torch.equal(getattr(total.rows["t"], field), getattr(chain.rows["t"], field)), field
+    other = BlockSum()
+    other.add(updates[0])
+    with pytest.raises(ValueError, match="different parameters"):
+        other.add(WeightedUpdate({"w": torch.zeros(4)}, {}, 1.0, 1))
+
+
 # -- client hooks -----------------------------------------------------------------------------------
 class _Tiny(torch.nn.Module):
     """A linear layer and a sparse-gradient table, named like a model's parameters."""

@@ -465,13 +465,22 @@ def test_reconstruction_refits_never_selected_users_for_evaluation_only(tmp_path
     global_before = {k: v.clone() for k, v in sim.global_state.items()}
     store_before = _tree_digest(tmp_path / "run" / "client_state")
 
-    def evaluate(reconstruct: Any) -> Dict[str, Any]:
+    # any subset of users reads the same rows (evaluation reads them a chunk at a time)
+    some = np.array([150, 3, 99, 100, 0])
+    part, part_stored = sim.runner.private_rows_and_stored(some, 1)
+    assert np.array_equal(part_stored, stored[some]) and all(torch.equal(part[k], rows[k][some]) for k in rows)
+    assert sim.runner.store.written(some).tolist() == [False, True, True, False, True]
+
+    def evaluate(reconstruct: Any, chunk: int = 4096) -> Dict[str, Any]:
         sim.trainer.train_config = sim.trainer.train_config.model_copy(update={"reconstruct_unseen": reconstruct})
         metrics, values = sim.trainer.evaluate_federated(
-            sim.global_state, lambda u: sim.runner.private_rows_and_stored(u, 1), phase="test")
+            sim.global_state, lambda u: sim.runner.private_rows_and_stored(u, 1), phase="test", chunk=chunk)
         return {"metrics": metrics, **values}
 
     plain = evaluate(None)
+    chunked = evaluate(None, chunk=7)  # rows read 7 users at a time: the same numbers
+    assert chunked["metrics"] == plain["metrics"] and all(np.array_equal(chunked[k], plain[k]) for k in plain
+                                                          if k != "metrics")
     refit = evaluate(ReconstructConfig(steps=50, lr=1.0))
     unseen = ~stored[plain["user"]]
     assert refit["metrics"]["users_reconstructed"] == 100 and "users_reconstructed" not in plain["metrics"]

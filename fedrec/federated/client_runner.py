@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -26,7 +27,7 @@ from fedrec.federated.client_state import STATE_DIR, ClientStateStore
 from fedrec.federated.config import FLConfig, fl_config_from, import_modules
 from fedrec.federated.context import ClientContext, RoundContext
 from fedrec.federated.postprocessors import Postprocessor, build_chain, run_client_chain
-from fedrec.federated.update import WeightedUpdate, gather_rows
+from fedrec.federated.update import BlockSum, WeightedUpdate, gather_rows
 from fedrec.federated_worker import FederatedWorker, InvalidStateError, Neighbour, NeighbourTable
 from fedrec.trainers.base_trainer import LocalTrainResult
 from fedrec.utilities import registry
@@ -324,7 +325,7 @@ class ClientRunner:
             return self._run_job_summed(job, result)
         trained = self._engine_chunks(job) if engine is not None else None
         for block_index, clients in job.blocks:
-            block = WeightedUpdate()
+            block = BlockSum()
             for cid in clients:
                 if trained is not None and cid not in self._trained:
                     self._trained = next(trained)  # the vectorized engine's next chunk
@@ -333,13 +334,13 @@ class ClientRunner:
                 finally:
                     self._trained.pop(cid, None)
                 if self.mode == "sum":
-                    block.add_(upload)
+                    block.add(upload)
                 elif self.mode == "updates":
                     result.updates.append((cid, upload))
                 else:
                     result.models.append((cid, result.stats[-1].sample_num, upload))
             if self.mode == "sum":
-                result.block_updates.append((block_index, block))
+                result.block_updates.append((block_index, block.result()))
         return result
 
     def _run_job_summed(self, job: RoundJob, result: JobResult) -> JobResult:
@@ -401,7 +402,8 @@ class ClientRunner:
             runtime=self,
             round_idx=job.context.client_rounds.get(cid, job.round_idx),
             sample_num=context.sample_num,
-            persistent_storage=str(self.logdir / "workers" / str(cid)) if self.logdir else None,
+            # (a plain string: pathlib would intern every client id it is given)
+            persistent_storage=os.path.join(self.logdir, "workers", str(cid)) if self.logdir else None,
             client_num_per_round=self.fl.client_num_per_round,
             extra=context.extra,
             **self.algorithm_kwargs,
@@ -512,7 +514,10 @@ class ClientRunner:
 
     # -- private user embeddings ------------------------------------------------------------
     def _client_users(self, cid: int) -> torch.Tensor:
-        return torch.from_numpy(self.trainer.client_users(self.partition.indices_of(cid)))
+        cached = self.__dict__.get("_users_of")  # the last client's (read when it loads and saves)
+        if cached is None or cached[0] != cid:
+            cached = self._users_of = (cid, torch.from_numpy(self.trainer.client_users(self.partition.indices_of(cid))))
+        return cached[1]
 
     def _load_private(self, context: ClientContext) -> None:
         """Put the client's own rows (stored, or their seeded start) into the replica."""
@@ -545,15 +550,21 @@ class ClientRunner:
     def private_rows_and_stored(self, users: np.ndarray,
                                 before_round: int) -> Tuple[Dict[str, torch.Tensor], np.ndarray]:
         """:meth:`private_rows` and, per user, whether its rows came from the store (False:
-        never selected, so the seeded start; FedRecon-style evaluation re-fits those)."""
-        out = {name: torch.empty((len(users),) + tuple(self.replica[name].shape[1:]),
-                                 dtype=self.replica[name].dtype) for name in self.private_names}
+        never selected, so the seeded start; FedRecon-style evaluation re-fits those).
+        Only users with a folder in the store are read (one listing per 1,000 users)."""
+        users = np.asarray(users, np.int64)
+        out = {name: self.model.initial_rows(name, torch.from_numpy(users), self.seed)
+               .to(self.replica[name].dtype) for name in self.private_names}
         stored = np.zeros(len(users), dtype=bool)
-        for k, user in enumerate(np.asarray(users).tolist()):
-            state = self.store.get(int(user), before_round)[0] if self.store is not None else {}
-            stored[k] = any(f"{PRIVATE_PREFIX}{name}" in state for name in self.private_names)
-            for name, values in self.private_rows_from(state, torch.tensor([int(user)])).items():
-                out[name][k] = values[0]
+        if self.store is None or not len(users):
+            return out, stored
+        for k in np.flatnonzero(self.store.written(users)).tolist():
+            state = self.store.get(int(users[k]), before_round)[0]
+            for name in self.private_names:
+                values = state.get(f"{PRIVATE_PREFIX}{name}")
+                if values is not None:
+                    stored[k] = True
+                    out[name][k] = values[0]
         return out, stored
 
     def _embedding_table_names(self) -> List[str]:

@@ -19,26 +19,37 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+import numpy as np
 from torch import Tensor
 
 STATE_DIR = "client_state"
 _VERSION_RE = re.compile(r"^r(\d{6,})\.safetensors$")
 _EXTRA_KEY = "fedrec_extra"
+_SHARD = 1000  # clients per shard folder
 
 
 class ClientStateStore:
-    """Versioned per-client tensors (and JSON-safe extras) in a sharded folder."""
+    """Versioned per-client tensors (and JSON-safe extras) in a sharded folder.
+
+    Paths are plain strings: ``pathlib`` interns every path component, so touching
+    100,000 clients' folders would leave a 100,000-entry table of interned names behind.
+    """
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        self._root = os.fspath(self.root)
 
-    def _client_dir(self, client_id: int) -> Path:
-        return self.root / f"{client_id // 1000:05d}" / str(client_id)
+    def _shard_dir(self, shard: int) -> str:
+        return os.path.join(self._root, f"{shard:05d}")
 
-    def _versions(self, client_id: int) -> List[Tuple[int, Path]]:
+    def _client_dir(self, client_id: int) -> str:
+        return os.path.join(self._shard_dir(client_id // _SHARD), str(client_id))
+
+    def _versions(self, client_id: int) -> List[Tuple[int, str]]:
         folder = self._client_dir(client_id)
         try:
             names = os.listdir(folder)
@@ -48,8 +59,20 @@ class ClientStateStore:
         for name in names:
             match = _VERSION_RE.match(name)
             if match:
-                found.append((int(match.group(1)), folder / name))
+                found.append((int(match.group(1)), os.path.join(folder, name)))
         return sorted(found)
+
+    def written(self, client_ids: np.ndarray) -> np.ndarray:
+        """bool per client id: whether it has a folder (state written in some round). One
+        listing per 1,000 clients, so a caller can skip the clients never written."""
+        client_ids = np.asarray(client_ids, np.int64)
+        found: List[int] = []
+        for shard in np.unique(client_ids // _SHARD).tolist():
+            try:
+                found.extend(int(n) for n in os.listdir(self._shard_dir(shard)) if n.isdigit())
+            except FileNotFoundError:
+                continue
+        return np.isin(client_ids, np.asarray(found, np.int64))
 
     def get(self, client_id: int, round_idx: int) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
         """The client's newest state written before round ``round_idx``: (tensors, extra)."""
@@ -59,7 +82,7 @@ class ClientStateStore:
         from safetensors import safe_open
 
         tensors: Dict[str, Tensor] = {}
-        with safe_open(str(older[-1]), framework="pt") as handle:
+        with safe_open(older[-1], framework="pt") as handle:
             extra = json.loads((handle.metadata() or {}).get(_EXTRA_KEY, "{}"))
             for key in handle.keys():
                 tensors[key] = handle.get_tensor(key)
@@ -72,17 +95,17 @@ class ClientStateStore:
         Older versions are removed except the newest one before ``checkpointed_round``
         (what a resume from the newest checkpoint would read).
         """
-        from safetensors.torch import save_file
-
         folder = self._client_dir(client_id)
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"r{round_idx:06d}.safetensors"
-        tmp = folder / f".{path.name}.tmp-{os.getpid()}"
-        plain = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-        save_file(plain, str(tmp), metadata={_EXTRA_KEY: json.dumps(dict(extra or {}))})
+        if not os.path.isdir(folder):  # (a stat; a failing mkdir costs more, once per client and round)
+            os.makedirs(folder, exist_ok=True)
+        name = f"r{round_idx:06d}.safetensors"
+        path = os.path.join(folder, name)
+        tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+        plain = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+        _save(plain, tmp, {_EXTRA_KEY: json.dumps(dict(extra or {}))})
         os.replace(tmp, path)
         self._prune(client_id, round_idx, checkpointed_round)
-        return path.stat().st_size
+        return os.path.getsize(path)
 
     def _prune(self, client_id: int, newest: int, checkpointed_round: int) -> None:
         versions = [(v, p) for v, p in self._versions(client_id) if v < newest]
@@ -90,7 +113,10 @@ class ClientStateStore:
         keep = max(needed) if needed else None
         for version, path in versions:
             if version != keep:
-                path.unlink(missing_ok=True)
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
 
     def nbytes(self) -> int:
         """Bytes on disk (for reports; walks the folder)."""
@@ -106,3 +132,21 @@ def rows_of(state: Mapping[str, Tensor], name: str) -> Optional[Tuple[Tensor, Te
     """``(ids, values)`` stored by :func:`split_rows`, or None."""
     ids = state.get(f"{name}@ids")
     return None if ids is None else (ids, state[f"{name}@rows"])
+
+
+def _save(tensors: Dict[str, Tensor], path: str, metadata: Dict[str, str]) -> None:
+    """``safetensors.torch.save_file``, through safetensors' own ``serialize_file`` where
+    it takes tensor pointers (0.8+): the same bytes, without save_file's checks for
+    shared or sparse tensors (these are fresh dense clones), which cost as much as the
+    write itself for a user's one-row state."""
+    import safetensors
+
+    spec = getattr(safetensors, "TensorSpec", None)
+    if spec is None or sys.byteorder != "little":
+        from safetensors.torch import save_file
+
+        save_file(tensors, path, metadata=metadata)
+        return
+    specs = {k: spec(dtype=str(v.dtype).split(".")[-1], shape=list(v.shape), data_ptr=v.data_ptr(),
+                     data_len=v.numel() * v.element_size()) for k, v in tensors.items()}
+    safetensors.serialize_file(specs, path, metadata=metadata)  # ``tensors`` keeps the memory alive

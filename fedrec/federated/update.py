@@ -15,7 +15,7 @@ Parameters come in two forms:
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Iterable, Mapping, Optional
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -84,6 +84,20 @@ class RowUpdate:
     def nbytes(self, value_bytes: int = 4, id_bytes: int = 8) -> int:
         """Bytes on the wire: the row ids plus the values at ``value_bytes`` per number."""
         return int(self.ids.numel()) * id_bytes + int(self.values.numel()) * value_bytes
+
+    @classmethod
+    def sum(cls, parts: Sequence["RowUpdate"]) -> "RowUpdate":
+        """``parts[0] + parts[1] + ...`` in one pass: one unique and one ``index_add_``
+        over all rows, which adds each row's values in the same order as the chain of
+        ``+`` does (from zero, part by part), so the result is bit for bit the same."""
+        if len(parts) == 1:
+            return parts[0]
+        unique, inverse = torch.unique(torch.cat([p.ids for p in parts]), sorted=True, return_inverse=True)
+        values = torch.zeros((unique.numel(), parts[0].values.shape[1]), dtype=parts[0].values.dtype)
+        values.index_add_(0, inverse, torch.cat([p.values for p in parts]))
+        weight = torch.zeros(unique.numel(), dtype=torch.float64)
+        weight.index_add_(0, inverse, torch.cat([p.row_weight for p in parts]))
+        return cls(unique, values, weight)
 
 
 @dataclasses.dataclass
@@ -214,8 +228,34 @@ class WeightedUpdate:
 
 
 def sum_updates(updates: Iterable[WeightedUpdate]) -> WeightedUpdate:
-    """Sum in the given order (callers pass client-id or block order for determinism)."""
-    total = WeightedUpdate()
+    """Sum in the given order (callers pass client-id or block order for determinism);
+    the same as chaining ``add_``, with each table's rows merged once (:class:`BlockSum`)."""
+    total = BlockSum()
     for update in updates:
-        total.add_(update)
-    return total
+        total.add(update)
+    return total.result()
+
+
+class BlockSum:
+    """``sum_updates`` of a stream of client updates (a block), with the embedding rows
+    merged once at the end (:meth:`RowUpdate.sum`) instead of at every client: the same
+    result bit for bit, without re-merging the growing sum's rows per client. Dense
+    parts are added as they come (they may be model-sized)."""
+
+    def __init__(self) -> None:
+        self.total = WeightedUpdate()
+        self.rows: Dict[str, List[RowUpdate]] = {}
+
+    def add(self, update: WeightedUpdate) -> None:
+        if not update.num_clients:
+            return
+        if self.total.num_clients and set(update.rows) != set(self.rows):
+            raise ValueError("cannot add updates over different parameters")
+        self.total.add_(dataclasses.replace(update, rows={}))
+        for name, row in update.rows.items():
+            self.rows.setdefault(name, []).append(row)
+
+    def result(self) -> WeightedUpdate:
+        self.total.rows = {name: RowUpdate.sum(parts) for name, parts in self.rows.items()}
+        self.rows = {}
+        return self.total

@@ -29,6 +29,14 @@ from fedrec.utilities.divergence import DivergedError
 from fedrec.utilities.logger import BaseLogger
 from fedrec.utilities.random_state import derive_seed
 
+#: evaluation scores at most this many (user, item) pairs per forward pass (sampled
+#: negatives) and this many scores per chunk of users (full ranking): small pieces that
+#: the heap reuses, so the evaluation's working set does not depend on the number of users
+SCORE_PAIRS = 8192
+FULL_SCORES = 1 << 17
+#: hand freed heap pages back every this many chunks (see fedrec/utilities/memory.py)
+TRIM_EVERY = 4
+
 
 class ReconstructConfig(pydantic.BaseModel):
     """FedRecon-style evaluation (Singhal et al. 2021): a user never selected in training
@@ -104,6 +112,8 @@ class RecLoader:
         self.shuffle, self.seed, self.resample = shuffle, int(seed), resample
         self.epoch = 0
         self.start_batch = 0
+        #: without ``resample`` every epoch has the same draw: made once, kept here
+        self.fixed_negatives: Optional[np.ndarray] = None
 
     @property
     def batches_per_epoch(self) -> int:
@@ -119,9 +129,15 @@ class RecLoader:
         """int64 [rows, num_negatives] for ``indices`` in their given order (or None)."""
         if not self.num_negatives or not len(self.indices):
             return None
+        if not self.resample and self.fixed_negatives is not None:
+            return self.fixed_negatives
         seed = derive_seed(self.seed, epoch) if self.resample else self.seed
         users = np.asarray(self.split.user[self.indices])
-        return self.rated.sample(users, self.num_negatives, np.random.default_rng(seed))
+        drawn = self.rated.sample(users, self.num_negatives, np.random.default_rng(seed))
+        if not self.resample:
+            drawn.setflags(write=False)
+            self.fixed_negatives = drawn
+        return drawn
 
     def __iter__(self) -> Iterator[RecBatch]:
         negatives = self.negatives(self.epoch)
@@ -164,6 +180,8 @@ class RecTrainer(BaseTrainer):
         self.train_keys = np.unique(np.asarray(train.user, np.int64) * self.dataset.num_items
                                     + np.asarray(train.item, np.int64))
         self._loaders: Optional[Dict[str, Any]] = None
+        #: (seed, rows, negatives) of the last client_touched_rows, for the client's loader
+        self._drawn: Optional[tuple] = None
         super().__init__(config_dict, train_config, logger, model_preproc, logdir)
         if self.model.loss_function == "mse" and self.dataset.feedback != "explicit":
             raise ConfigError("model.loss_function mse fits ratings, but the data were preprocessed with "
@@ -198,17 +216,24 @@ class RecTrainer(BaseTrainer):
         return self._loaders
 
     def client_loader(self, indices: np.ndarray, batch_size: int, seed: int, shuffle: bool = True) -> RecLoader:
-        """One federated client's rows; its negatives are drawn once from ``seed``."""
-        return RecLoader(self.dataset.split("train"), batch_size, self.rated, self.num_negatives,
-                         indices=indices, shuffle=shuffle, seed=seed, resample=False)
+        """One federated client's rows; its negatives are drawn once from ``seed`` (or taken
+        from :meth:`client_touched_rows` of the same rows and seed, which drew them first)."""
+        loader = RecLoader(self.dataset.split("train"), batch_size, self.rated, self.num_negatives,
+                           indices=indices, shuffle=shuffle, seed=seed, resample=False)
+        drawn, self._drawn = self._drawn, None
+        if drawn is not None and drawn[0] == loader.seed and np.array_equal(drawn[1], loader.indices):
+            loader.fixed_negatives = drawn[2]
+        return loader
 
     def client_touched_rows(self, indices: np.ndarray, seed: int) -> Dict[str, torch.Tensor]:
-        """Item rows a client's round reads: its rated items plus its sampled negatives."""
+        """Item rows a client's round reads: its rated items plus its sampled negatives
+        (kept for the client's next :meth:`client_loader`, so they are drawn once)."""
         loader = self.client_loader(indices, 1, seed)
         items = [np.asarray(self.dataset.split("train").item[loader.indices])]
         negatives = loader.negatives()
         if negatives is not None:
             items.append(negatives.reshape(-1))
+            self._drawn = (loader.seed, loader.indices, negatives)
         return self.model.rows_touched(torch.from_numpy(np.concatenate(items)))
 
     def client_users(self, indices: np.ndarray) -> np.ndarray:
@@ -235,32 +260,39 @@ class RecTrainer(BaseTrainer):
         split = self.dataloaders[phase]
         was_training = self.model.training
         self.model.eval()
-        users, ranks_, sq = [], [], []
+        # filled in place: a list of per-chunk pieces and their concatenation would hold the
+        # per-user results twice, and the pieces would pin heap pages between chunks
+        n = len(split)
+        out = {"user": np.array(split.user[:n], np.int64), "rank": np.empty(n, np.int64)}
+        mse = self.model.loss_function == "mse"
+        if mse:
+            out["squared_error"] = np.empty(n, np.float32)
         try:
+            from fedrec.utilities.memory import release_freed_memory
+            from fedrec.utilities.ranking import ranks
+
             chunk = max(1, cfg.eval_batch_size // (cfg.eval_negatives + 1))
-            for b, start in enumerate(range(0, len(split), chunk)):
-                user = np.array(split.user[start:start + chunk], np.int64)
+            for b, start in enumerate(range(0, n, chunk)):
+                user = out["user"][start:start + chunk]
                 item = np.asarray(split.item[start:start + chunk], np.int64)
-                rng = np.random.default_rng(derive_seed(cfg.eval_seed, b, len(split)))
+                rng = np.random.default_rng(derive_seed(cfg.eval_seed, b, n))
                 negatives = self.rated.sample_distinct(user, cfg.eval_negatives, rng)
                 candidates = torch.from_numpy(np.concatenate([item[:, None], negatives], axis=1)).to(self.device)
                 u = torch.from_numpy(user).to(self.device)
-                scores = self.model(u, candidates).float()
+                step = max(1, SCORE_PAIRS // candidates.shape[1])  # users per forward
+                scores = torch.cat([self.model(u[s:s + step], candidates[s:s + step]).float()
+                                    for s in range(0, len(u), step)])
                 if not bool(torch.isfinite(scores).all()):
                     raise DivergedError(f"the model's scores on the {phase} data are nan or inf")
-                from fedrec.utilities.ranking import ranks
-
-                users.append(user)
-                ranks_.append(ranks(scores.cpu().numpy()))
-                if self.model.loss_function == "mse":
+                out["rank"][start:start + len(user)] = ranks(scores.cpu().numpy())
+                if mse:
                     label = torch.from_numpy(np.array(split.label[start:start + chunk], np.float32))
-                    sq.append(((scores[:, 0].cpu() - label) ** 2).numpy())
+                    out["squared_error"][start:start + len(user)] = ((scores[:, 0].cpu() - label) ** 2).numpy()
+                del scores, candidates, negatives
+                if b % TRIM_EVERY == TRIM_EVERY - 1:  # else the heap keeps freed chunks' pages
+                    release_freed_memory()
         finally:
             self.model.train(was_training)
-        out = {"user": np.concatenate(users) if users else np.zeros(0, np.int64),
-               "rank": np.concatenate(ranks_) if ranks_ else np.zeros(0, np.int64)}
-        if sq:
-            out["squared_error"] = np.concatenate(sq)
         if cfg.full_ranking:
             out["rank_full"] = self.full_ranks(split)
         return out
@@ -273,25 +305,25 @@ class RecTrainer(BaseTrainer):
         from fedrec.utilities.ranking import full_ranks, rated_mask
 
         num_items = self.dataset.num_items
-        chunk = max(1, (1 << 21) // num_items)  # about 2M scores (8 MB) at a time
+        chunk = max(1, FULL_SCORES // num_items)  # 128K scores (0.5 MB) at a time
         was_training = self.model.training
         self.model.eval()
-        out = []
+        out = np.empty(len(split), np.int64)  # filled in place (see score_split)
         try:
-            for start in range(0, len(split), chunk):
+            for b, start in enumerate(range(0, len(split), chunk)):
                 user = np.array(split.user[start:start + chunk], np.int64)
                 item = torch.from_numpy(np.array(split.item[start:start + chunk], np.int64)).to(self.device)
                 scores = self.model.score_all_items(torch.from_numpy(user).to(self.device)).float()
                 if not bool(torch.isfinite(scores).all()):
                     raise DivergedError(f"the model's scores on the {split.name} data are nan or inf")
                 excluded = rated_mask(self.train_keys, user, num_items).to(self.device)
-                out.append(full_ranks(scores, item, excluded).cpu().numpy())
+                out[start:start + len(user)] = full_ranks(scores, item, excluded).cpu().numpy()
                 del scores, excluded
-                if len(out) % 4 == 0:  # else the heap keeps every chunk's pages (about 5 KB a user)
+                if b % TRIM_EVERY == TRIM_EVERY - 1:  # else the heap keeps freed chunks' pages
                     release_freed_memory()
         finally:
             self.model.train(was_training)
-        return np.concatenate(out) if out else np.zeros(0, np.int64)
+        return out
 
     def metrics_of(self, scored: Dict[str, np.ndarray]) -> tuple[Dict[str, float], Dict[str, np.ndarray]]:
         """(means over users, per-user values) of :meth:`score_split`'s output."""
@@ -324,19 +356,26 @@ class RecTrainer(BaseTrainer):
 
     def evaluate_federated(self, global_state: Dict[str, torch.Tensor],
                            private_rows: Callable[[np.ndarray], Dict[str, torch.Tensor]],
-                           phase: str = "val") -> tuple[Dict[str, float], Dict[str, np.ndarray]]:
+                           phase: str = "val", chunk: int = 4096) -> tuple[Dict[str, float], Dict[str, np.ndarray]]:
         """Metrics of the global model where each user scores with its own private rows
-        (``private_rows(users) -> {table: rows}``, from the client state store)."""
+        (``private_rows(users) -> {table: rows}``, or ``({table: rows}, stored)``, from the
+        client state store). The rows are read ``chunk`` users at a time straight into the
+        model's user tables, so evaluation holds no second copy of every user's rows."""
         state = self.model.state_dict()
         users = np.arange(self.dataset.num_users)
-        found = private_rows(users)
-        rows, stored = found if isinstance(found, tuple) else (found, None)
         with torch.no_grad():
             for name, tensor in global_state.items():
                 state[name].copy_(tensor)
-            for name, values in rows.items():
-                state[name].copy_(values)
-        unseen = np.zeros(0, np.int64) if stored is None else users[~np.asarray(stored, bool)]
+        seen: List[np.ndarray] = []
+        for start in range(0, len(users), chunk):
+            found = private_rows(users[start:start + chunk])
+            rows, stored = found if isinstance(found, tuple) else (found, None)
+            with torch.no_grad():
+                for name, values in rows.items():
+                    state[name][start:start + len(values)].copy_(values)
+            if stored is not None:
+                seen.append(np.asarray(stored, bool))
+        unseen = users[~np.concatenate(seen)] if seen else np.zeros(0, np.int64)
         if self.train_config.reconstruct_unseen is not None and len(unseen):
             self.reconstruct(unseen)
         metrics, per_user = self.metrics_of(self.score_split(phase))
