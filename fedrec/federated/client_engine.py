@@ -293,15 +293,13 @@ class VectorizedEngine:
                 row_weight = torch.zeros(ids.numel(), dtype=torch.float64)
                 row_weight.index_add_(0, inverse, weight.double().cpu()[row_client[where]])
                 update.rows[name] = RowUpdate(ids, values, row_weight)
-        value_bytes = runner.fl.value_bytes
-        stats = []
-        for k, cid in enumerate(cohort.client_ids):
-            # bytes as each client's own download and upload count them (ClientRunner)
-            rows = 0 if not runner.sparse_mode else int((cohort.segment[k, 1:] - cohort.segment[k, :-1]).sum()) * (
-                8 + self.dim * value_bytes)
-            traffic = runner.dense_bytes + rows
-            stats.append(ClientStats(cid, int(runner.partition.sizes[cid]), int(cohort.counts[:, k].sum()),
-                                     int(cohort.steps[k]), float(losses[k]), traffic, traffic))
+        # bytes as each client's own download and upload count them (ClientRunner)
+        rows = (cohort.segment[:, -1] - cohort.segment[:, 0]) * (8 + self.dim * runner.fl.value_bytes)
+        traffic = (runner.dense_bytes + (rows if runner.sparse_mode else 0 * rows)).tolist()
+        samples = cohort.counts.sum(dim=0).tolist()
+        stats = [ClientStats(cid, int(runner.partition.sizes[cid]), int(samples[k]), int(cohort.steps[k]),
+                             float(losses[k]), int(traffic[k]), int(traffic[k]))
+                 for k, cid in enumerate(cohort.client_ids)]
         return update, stats
 
     def _initial_weights(self, cohort: Cohort, global_state: Dict[str, Any]) -> Tuple[Dict[str, Tensor], Tensor]:
@@ -312,10 +310,13 @@ class VectorizedEngine:
             # a copy per client (never a view of the global weights, even when k == 1)
             params[name] = value.unsqueeze(0).repeat((k,) + (1,) * value.dim())
         table = torch.empty((int(cohort.row_ids.numel()), self.dim), dtype=torch.float32, device=self.device)
-        self._rows_by_table = []
+        # block-table rows grouped by table (a stable counting sort: client order kept)
+        order = torch.from_numpy(np.argsort(cohort.row_table.numpy().astype(np.int16), kind="stable"))
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(cohort.row_table.numpy(),
+                                                            minlength=len(self.table_names)))])
+        self._rows_by_table = [order[bounds[t]:bounds[t + 1]] for t in range(len(self.table_names))]
         for t, name in enumerate(self.table_names):
-            where = torch.nonzero(cohort.row_table == t).squeeze(1)
-            self._rows_by_table.append(where)
+            where = self._rows_by_table[t]
             if where.numel():
                 source = global_state[name]
                 device = source.values.device if isinstance(source, RowSubset) else source.device

@@ -93,13 +93,12 @@ def build_cohort(split: Any, visits: Sequence[List[np.ndarray]], client_ids: Seq
             rows[s, k, :len(batch)] = batch
     real = rows >= 0
     slots = np.flatnonzero(real.reshape(-1))  # [n] flat [step, client, sample] of each real sample
-    # read each needed row of the memory-mapped split once, in file order
-    unique, inverse = np.unique(rows.reshape(-1)[slots], return_inverse=True)
-    sparse_real = np.asarray(split.sparse[unique]).astype(np.int64)[inverse]  # [n, T]
+    visited = rows.reshape(-1)[slots]  # the split's rows, as the clients visit them
+    sparse_real = np.asarray(split.sparse[visited]).astype(np.int64)  # [n, T]
     dense = np.zeros((rows.size, int(split.dense.shape[1])), dtype=np.float32)
-    dense[slots] = np.asarray(split.dense[unique], dtype=np.float32)[inverse]
+    dense[slots] = split.dense[visited]
     label = np.zeros(rows.size, dtype=np.float32)
-    label[slots] = np.asarray(split.label[unique], dtype=np.float32)[inverse]
+    label[slots] = split.label[visited]
     counts = real.sum(axis=2)
     weight = np.where(real, 1.0 / np.maximum(counts, 1)[:, :, None], 0.0).astype(np.float32)
 

@@ -115,9 +115,14 @@ class StackedOptimizer:
         """
         spec = self.spec
         row_grads = row_grads or {}
+        if spec.stateless:  # plain SGD: the dense slices in one fused call
+            dense = [i for i, g in enumerate(grads) if g is not None and ranges[i][1] > ranges[i][0]]
+            if dense:
+                torch._foreach_add_([self.tensors[i][ranges[i][0]:ranges[i][1]] for i in dense],
+                                    [grads[i] for i in dense], alpha=-spec.lr)
         for i, tensor in enumerate(self.tensors):
             start, stop = ranges[i]
-            if stop <= start:
+            if stop <= start or (spec.stateless and grads[i] is not None):
                 continue
             param = tensor[start:stop]
             grad = grads[i]
