@@ -39,6 +39,9 @@ class ClientStateStore:
     100,000 clients' folders would leave a 100,000-entry table of interned names behind.
     """
 
+    #: write a copy of the caller's tensors (False: the caller never changes them after)
+    copy_tensors = True
+
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self._root = os.fspath(self.root)
@@ -101,7 +104,9 @@ class ClientStateStore:
         name = f"r{round_idx:06d}.safetensors"
         path = os.path.join(folder, name)
         tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
-        plain = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+        plain = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        if self.copy_tensors:
+            plain = {k: v.clone() for k, v in plain.items()}
         _save(plain, tmp, {_EXTRA_KEY: json.dumps(dict(extra or {}))})
         os.replace(tmp, path)
         self._prune(client_id, round_idx, checkpointed_round)

@@ -136,22 +136,7 @@ class PeerModelStore(ClientStateStore):
     """The client-state store, writing the caller's tensors as they are: a peer's model is
     written once and never changed after (the base class copies, for callers that do)."""
 
-    def put(self, client_id: int, round_idx: int, tensors: Mapping[str, torch.Tensor],
-            extra: Optional[Mapping[str, Any]] = None, checkpointed_round: int = 0) -> int:
-        import json
-        import os
-
-        from safetensors.torch import save_file
-
-        folder = self._client_dir(client_id)
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"r{round_idx:06d}.safetensors"
-        tmp = folder / f".{path.name}.tmp-{os.getpid()}"
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"fedrec_extra": json.dumps(dict(extra or {}))})
-        os.replace(tmp, path)
-        self._prune(client_id, round_idx, checkpointed_round)
-        return path.stat().st_size
+    copy_tensors = False
 
 
 class _Suspend:
