@@ -10,15 +10,14 @@ for a run is ``fedrec.federated.launch.make_backend``.
 from __future__ import annotations
 
 import abc
-import contextlib
 import logging
-from typing import Any, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
-import torch
 
 from fedrec.federated.client_runner import ClientRunner, JobResult, RoundJob
 from fedrec.federated.context import RoundContext
+from fedrec.utilities.threads import torch_threads  # noqa: F401  (also imported from here)
 
 log = logging.getLogger("fedrec")
 
@@ -42,24 +41,6 @@ def assign_blocks(blocks: Sequence[Block], sizes: np.ndarray, processes: int) ->
         out[target].append(block)
         loads[target] += weight[block[0]]
     return [sorted(group) for group in out]
-
-
-@contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Run the body with ``count`` torch threads, then restore the previous count.
-
-    Client training runs at ``fl.client_threads`` in every backend: a matmul's float
-    sums may depend on how many threads split it, and the local backend must give the
-    same bits as MPI processes (which run at that count all the time).
-    """
-    previous = torch.get_num_threads()
-    if previous != count:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != previous:
-            torch.set_num_threads(previous)
 
 
 class Backend(abc.ABC):

@@ -33,6 +33,7 @@ from fedrec.federated.client_runner import PEER, PeerStarts
 from fedrec.federated.client_state import ClientStateStore
 from fedrec.federated.context import RoundContext
 from fedrec.federated.topology import GraphTopology, check_worker_roles
+from fedrec.federated.update import weighted_model_sum
 from fedrec.federated_worker import FederatedWorker, InvalidStateError, Neighbour, NeighbourTable
 from fedrec.trainers.base_trainer import LocalTrainResult
 from fedrec.utilities import registry
@@ -90,17 +91,7 @@ class GossipWorker(FederatedWorker):
     def aggregate(self, neighbours: Sequence[Neighbour]) -> Dict[str, torch.Tensor]:
         """``sum_j w_ij model_j`` in ascending id order."""
         weights = self.mixing_weights([n.id for n in neighbours])
-        out: Dict[str, torch.Tensor] = {}
-        for neighbour in sorted(neighbours, key=lambda n: n.id):
-            share = weights[neighbour.id]
-            for name, value in neighbour.model.items():
-                if not value.is_floating_point():
-                    out.setdefault(name, value.clone())
-                elif name not in out:
-                    out[name] = value * share
-                else:
-                    out[name].add_(value, alpha=share)
-        return out
+        return weighted_model_sum((n.model, weights[n.id]) for n in sorted(neighbours, key=lambda n: n.id))
 
 
 @registry.load("fl_algo", "dpsgd")

@@ -25,6 +25,7 @@ import torch
 
 from fedrec.federated.fed_avg import FedAvgWorker
 from fedrec.federated.topology import HierarchicalTopology, check_worker_roles
+from fedrec.federated.update import weighted_model_sum
 from fedrec.federated_worker import Cohort, FederatedWorker, InvalidStateError, Neighbour, NeighbourTable
 from fedrec.utilities import registry
 from fedrec.utilities.config import ConfigError
@@ -83,17 +84,7 @@ def weighted_average(neighbours: Sequence[Neighbour]) -> Dict[str, torch.Tensor]
     total = float(sum(n.sample_num for n in neighbours))
     if not neighbours or total <= 0:
         raise InvalidStateError("no edge model to average (no edge reported data)")
-    out: Dict[str, torch.Tensor] = {}
-    for neighbour in neighbours:
-        share = neighbour.sample_num / total
-        for name, value in neighbour.model.items():
-            if not value.is_floating_point():
-                out.setdefault(name, value.clone())
-            elif name not in out:
-                out[name] = value * share
-            else:
-                out[name].add_(value, alpha=share)
-    return out
+    return weighted_model_sum((n.model, n.sample_num / total) for n in neighbours)
 
 
 def edge_cohort_size(per_round: int, members: int, num_workers: int) -> int:

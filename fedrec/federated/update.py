@@ -259,3 +259,18 @@ class BlockSum:
         self.total.rows = {name: RowUpdate.sum(parts) for name, parts in self.rows.items()}
         self.rows = {}
         return self.total
+
+
+def weighted_model_sum(models: Iterable[tuple[Mapping[str, Tensor], float]]) -> Dict[str, Tensor]:
+    """``sum_j share_j * model_j`` in the given order (integer tensors: the first model's);
+    the average of whole models, as a hierarchy's cloud and a gossip peer take it."""
+    out: Dict[str, Tensor] = {}
+    for model, share in models:
+        for name, value in model.items():
+            if not value.is_floating_point():
+                out.setdefault(name, value.clone())
+            elif name not in out:
+                out[name] = value * share
+            else:
+                out[name].add_(value, alpha=share)
+    return out

@@ -10,12 +10,11 @@ then holds just those rows, as ``RowSubset``s, and the program trains on them al
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import math
 import operator
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from fedrec.federated.update import RowSubset, RowUpdate, WeightedUpdate
 from fedrec.plans.data import ClientData
 from fedrec.plans.format import WEIGHTS, PlanError, PlanFile, load_program, read_plan
 from fedrec.utilities.random_state import derive_seed
+from fedrec.utilities.threads import torch_threads
 
 #: operator namespaces a plan's programs may call (anything else is refused at load)
 _ALLOWED_NAMESPACES = ("aten",)
@@ -141,7 +141,7 @@ class PlanRunner:
         """One round of local training from ``weights``; the upload and its counts (with
         the simulator's client thread count: more threads can change the sums' bits, and
         on a busy machine they oversubscribe the cores)."""
-        with _torch_threads(self.threads):
+        with torch_threads(self.threads):
             return self._train_round(weights, data, round_idx, client_id)
 
     def _train_round(self, weights: Mapping[str, Any], data: ClientData, round_idx: int,
@@ -193,7 +193,7 @@ class PlanRunner:
         """Click probabilities of ``weights`` on ``data`` (validate and test)."""
         params, sparse, _ = self._local_model(weights, data)
         out = []
-        with torch.no_grad(), _torch_threads(self.threads):
+        with torch.no_grad(), torch_threads(self.threads):
             for lo in range(0, len(data), batch_size):
                 out.append(self._evaluate(params, data.dense[lo:lo + batch_size], sparse[lo:lo + batch_size]))
         return torch.cat(out) if out else torch.zeros(0)
@@ -217,15 +217,3 @@ class PlanRunner:
             else:
                 total += int(np.prod(shape)) * self.value_bytes
         return total
-
-
-@contextlib.contextmanager
-def _torch_threads(count: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    if count != previous:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != previous:
-            torch.set_num_threads(previous)
