@@ -121,6 +121,19 @@ def test_dlrm_clients_equal_sequential_training(config, fl, local_optimizer):
     _check_engine_against_sequential(runner, clients, relative)
 
 
+@pytest.mark.parametrize("model", [
+    {"arch_interaction_op": "cat", "arch_mlp_top": [8, 1], "loss_function": "mse"},
+    {"arch_interaction_itself": True, "loss_function": "wbce", "loss_weights": [0.3, 0.7], "loss_threshold": 0.01},
+])
+def test_dlrm_variants_equal_sequential_training(config, model):
+    """The batched DLRM's hand-written backward for the cat interaction, the dot with the
+    diagonal, the mse and weighted bce losses and the probability clamp."""
+    config["model"].update(model)
+    runner = _runner(config, local_epochs=2)
+    assert runner.engine.forward.name == "dlrm"
+    _check_engine_against_sequential(runner, [c for c in range(12) if runner.partition.sizes[c] > 0][:6])
+
+
 @pytest.mark.parametrize("local_optimizer", [None, {"name": "adam", "lr": 0.01}])
 def test_a_second_model_takes_the_torch_func_path(config, local_optimizer):
     config["model"] = {"name": "test_wide_and_deep", "dim": 4, "preproc": config["model"]["preproc"]}

@@ -70,23 +70,69 @@ class BatchedDLRM:
 
     def step(self, params: Dict[str, Tensor], lookups: Tensor, dense: Tensor, label: Tensor,
              weight: Tensor) -> StepGrads:
-        names = list(params)
-        leaves = {n: params[n].detach().requires_grad_() for n in names}
-        lookups = lookups.detach().requires_grad_()
-        k, b = dense.shape[0], dense.shape[1]
-        x = _run_mlp(self.bottom, leaves, dense)  # [K, B, d]
-        if self.dot:
-            v = torch.cat((x.unsqueeze(2), lookups), dim=2).view(k * b, -1, x.shape[-1])  # [KB, F, d]
-            z = torch.bmm(v, v.transpose(1, 2))
-            features = torch.cat((x, z.flatten(1).index_select(1, self.pairs).view(k, b, -1)), dim=2)
+        """Forward, then the backward written out (the loss and its clamp through autograd):
+        a handful of batched kernels per step instead of an autograd graph."""
+        with torch.no_grad():
+            k, b = dense.shape[0], dense.shape[1]
+            bottom = _forward_mlp(self.bottom, params, dense)  # each layer's input and output
+            x = bottom[-1][1]  # [K, B, d]
+            if self.dot:
+                v = torch.cat((x.unsqueeze(2), lookups), dim=2).view(k * b, -1, x.shape[-1])  # [KB, F, d]
+                z = torch.bmm(v, v.transpose(1, 2))
+                features = torch.cat((x, z.flatten(1).index_select(1, self.pairs).view(k, b, -1)), dim=2)
+            else:
+                features = torch.cat((x, lookups.flatten(2)), dim=2)
+            top = _forward_mlp(self.top, params, features)
+            output = top[-1][1].squeeze(-1)  # [K, B] the sigmoid's output
+        probs = output.detach().requires_grad_()
+        clamped = torch.clamp(probs, min=self.threshold, max=1.0 - self.threshold) if self.threshold > 0.0 else probs
+        losses = (self.per_sample(clamped, label) * weight).sum(dim=1)  # [K]
+        (grad_probs,) = torch.autograd.grad(losses.sum(), [probs])
+        grads: Dict[str, Tensor] = {}
+        with torch.no_grad():
+            grad = _backward_mlp(self.top, params, top, grad_probs.unsqueeze(-1), grads)  # d features
+            grad_x = grad[..., :x.shape[-1]]
+            if self.dot:
+                grad_z = torch.zeros((k * b, z.shape[1] * z.shape[2]), dtype=z.dtype, device=z.device)
+                grad_z.index_copy_(1, self.pairs, grad[..., x.shape[-1]:].reshape(k * b, -1))
+                grad_z = grad_z.view_as(z)
+                grad_v = torch.bmm(grad_z + grad_z.transpose(1, 2), v).view(k, b, -1, x.shape[-1])
+                grad_x = grad_x + grad_v[:, :, 0]
+                grad_lookups = grad_v[:, :, 1:]
+            else:
+                grad_lookups = grad[..., x.shape[-1]:].reshape(lookups.shape)
+            _backward_mlp(self.bottom, params, bottom, grad_x, grads)
+        return losses.detach(), grads, grad_lookups
+
+
+def _forward_mlp(plan: List[Tuple[str, str]], params: Dict[str, Tensor], x: Tensor) -> List[Tuple[Tensor, Tensor]]:
+    """Each layer's (input, output), for the backward."""
+    trace = []
+    for kind, name in plan:
+        if kind == "linear":  # x [K, B, in] @ W[K]^T + b[K]: every client its own layer
+            y = torch.baddbmm(params[f"{name}.bias"].unsqueeze(1), x, params[f"{name}.weight"].transpose(1, 2))
+        elif kind == "relu":
+            y = torch.relu(x)
         else:
-            features = torch.cat((x, lookups.flatten(2)), dim=2)
-        probs = _run_mlp(self.top, leaves, features).squeeze(-1)  # [K, B]
-        if self.threshold > 0.0:
-            probs = torch.clamp(probs, min=self.threshold, max=1.0 - self.threshold)
-        losses = (self.per_sample(probs, label) * weight).sum(dim=1)  # [K]
-        grads = torch.autograd.grad(losses.sum(), [leaves[n] for n in names] + [lookups])
-        return losses.detach(), dict(zip(names, grads[:-1])), grads[-1]
+            y = torch.sigmoid(x)
+        trace.append((x, y))
+        x = y
+    return trace
+
+
+def _backward_mlp(plan: List[Tuple[str, str]], params: Dict[str, Tensor], trace: List[Tuple[Tensor, Tensor]],
+                  grad: Tensor, grads: Dict[str, Tensor]) -> Tensor:
+    """The gradient of the MLP's input; each layer's weight and bias gradients into ``grads``."""
+    for (kind, name), (x, y) in zip(reversed(plan), reversed(trace)):
+        if kind == "linear":
+            grads[f"{name}.weight"] = torch.bmm(grad.transpose(1, 2), x)
+            grads[f"{name}.bias"] = grad.sum(dim=1)
+            grad = torch.bmm(grad, params[f"{name}.weight"])
+        elif kind == "relu":
+            grad = grad * (y > 0)
+        else:
+            grad = grad * y * (1 - y)
+    return grad
 
 
 def _mlp_plan(layers: nn.Sequential, prefix: str) -> List[Tuple[str, str]]:
@@ -97,17 +143,6 @@ def _mlp_plan(layers: nn.Sequential, prefix: str) -> List[Tuple[str, str]]:
         else:
             plan.append(("relu" if isinstance(layer, nn.ReLU) else "sigmoid", ""))
     return plan
-
-
-def _run_mlp(plan: List[Tuple[str, str]], params: Dict[str, Tensor], x: Tensor) -> Tensor:
-    for kind, name in plan:
-        if kind == "linear":  # x [K, B, in] @ W[K]^T + b[K]: every client its own layer
-            x = torch.baddbmm(params[f"{name}.bias"].unsqueeze(1), x, params[f"{name}.weight"].transpose(1, 2))
-        elif kind == "relu":
-            x = torch.relu(x)
-        else:
-            x = torch.sigmoid(x)
-    return x
 
 
 class FuncBatched:
