@@ -150,13 +150,11 @@ def test_chunks_stay_within_blocks_and_fit_the_budget(config):
     clients = list(range(20))
     assert engine.chunks(clients) == [clients]
     steps = [engine._steps_of(c) for c in clients]
-    one = engine.client_bytes(max(steps), max(steps))
-    engine.budget = 3 * one
+    engine.budget = 3 * engine.client_bytes(max(steps))
     chunks = engine.chunks(clients)
     assert [c for chunk in chunks for c in chunk] == clients and len(chunks) > 1
     for chunk in chunks:
-        longest = max(engine._steps_of(c) for c in chunk)
-        assert sum(engine.client_bytes(engine._steps_of(c), longest) for c in chunk) <= engine.budget
+        assert sum(engine.client_bytes(engine._steps_of(c)) for c in chunk) <= engine.budget
 
 
 def _simulate(config, logdir):

@@ -173,27 +173,19 @@ class VectorizedEngine:
         self.param_elements = sum(int(p.numel()) for n, p in self.model.named_parameters() if n in self.param_names)
 
     # -- memory budget --------------------------------------------------------------------
-    def client_bytes(self, steps: int, max_steps: int) -> int:
-        """An upper bound of the memory one client adds to a block whose longest client
-        takes ``max_steps`` steps (its data are padded to that many)."""
-        return self._own_bytes(steps) + max_steps * self._data_bytes_per_step
-
-    @property
-    def _data_bytes_per_step(self) -> int:
-        # dense features, ids, block positions and their numpy staging, labels and weights
-        return self.fl.local_batch_size * (4 * self.num_dense + 8 * len(self.table_names) * 3 + 16)
-
-    def _own_bytes(self, steps: int) -> int:
-        """What a client takes whatever its block: its rows (with optimizer state and
-        gradients), its stacked parameters and its activations."""
+    def client_bytes(self, steps: int) -> int:
+        """An upper bound of the memory a client of ``steps`` steps adds to a chunk: its
+        batches (features, ids, block positions and their staging), its rows (with
+        optimizer state and gradients), its stacked parameters and its activations."""
         batch, tables = self.fl.local_batch_size, len(self.table_names)
         spec = self.spec
         state = 4 * (1 + (1 if spec.kind == "SGD" and spec.momentum or spec.kind == "Adagrad" else
                           2 if spec.kind == "Adam" else 0))
+        data = steps * batch * (4 * self.num_dense + 8 * tables * 3 + 16)
         rows = steps * batch * tables * self.dim * (state + 8 + (0 if spec.stateless else 4))
         params = self.param_elements * (state + 8)
         activations = batch * 4 * self._activation_bytes_per_sample()
-        return int(rows + params + activations)
+        return int(data + rows + params + activations)
 
     def _activation_bytes_per_sample(self) -> int:
         """Roughly what one sample's forward and backward keep: the MLP widths, the
@@ -205,21 +197,18 @@ class VectorizedEngine:
         """``client_ids`` cut, in order, into consecutive blocks that fit the budget."""
         out: List[List[int]] = []
         current: List[int] = []
-        own, longest = 0, 0
+        used = 0
         for cid in client_ids:
-            steps = self._steps_of(cid)
-            need = own + self._own_bytes(steps) + (len(current) + 1) * max(longest, steps) * self._data_bytes_per_step
-            if need > self.budget and current:  # close the chunk before this client
-                out.append(current)
-                current, own, longest = [], 0, 0
-                need = self.client_bytes(steps, steps)
+            need = self.client_bytes(self._steps_of(cid))
             if need > self.budget:
                 raise VectorizationError(
                     f"fl.vectorize_memory_mb is {self.fl.vectorize_memory_mb:,} MiB, but client {cid} alone "
                     f"needs about {-(-need // MIB):,} MiB in the vectorized engine; raise it to at least that")
+            if current and used + need > self.budget:  # close the chunk before this client
+                out.append(current)
+                current, used = [], 0
             current.append(cid)
-            own += self._own_bytes(steps)
-            longest = max(longest, steps)
+            used += need
         if current:
             out.append(current)
         return out
@@ -338,11 +327,10 @@ class VectorizedEngine:
             for a in range(0, active, micro):
                 b = min(active, a + micro)
                 rows = (int(row_start[a]), int(row_start[b]))
-                positions = cohort.positions[s, a:b]  # [k, B, T]
+                dense, positions, label, weight = cohort.batch(s, a, b)  # positions [k, B, T]
                 lookups = table.index_select(0, positions.reshape(-1)).view(b - a, -1, tables, self.dim)
                 step_losses, grads, lookup_grads = self.forward.step(
-                    {n: params[n][a:b] for n in names}, lookups, cohort.dense[s, a:b],
-                    cohort.label[s, a:b], cohort.weight[s, a:b])
+                    {n: params[n][a:b] for n in names}, lookups, dense, label, weight)
                 optimizer.apply([grads[n] for n in names] + [None], [(a, b)] * len(names) + [rows],
                                 row_grads={len(names): (positions.reshape(-1) - rows[0],
                                                         lookup_grads.reshape(-1, self.dim))})
