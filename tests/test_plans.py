@@ -281,3 +281,23 @@ def test_cli_export_info_run_evaluate(plans, tmp_path, capsys):
     (tmp_path / "bad.plan").write_bytes(b"PK\x03\x04 not really")
     status, _, err = cli(capsys, "plan", "run", "--plan", tmp_path / "bad.plan", "--data", data, "--client", 3)
     assert status == 2 and len(err.strip().splitlines()) == 1 and "bad.plan" in err and "Traceback" not in err
+
+
+def test_plan_run_out_never_replaces_a_foreign_file_or_a_folder(plans, tmp_path, capsys):
+    config = write_config(plans["config"], tmp_path / "c.yml")
+    assert cli(capsys, "plan", "export", "--config", config, "--out", tmp_path / "c.plan")[0] == 0
+    data = plans["root"] / "data" / "client-3.safetensors"
+    run = ("plan", "run", "--plan", tmp_path / "c.plan", "--data", data, "--client", 3)
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "folder").mkdir()
+    for out, needle in ((tmp_path / "notes.txt", "is not an update written by fedrec plan run"),
+                        (tmp_path / "folder", "is a folder")):
+        status, _, err = cli(capsys, *run, "--out", out)
+        assert status == 2 and len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err
+    assert (tmp_path / "notes.txt").read_text() == "mine" and not any((tmp_path / "folder").iterdir())
+    for _ in range(2):  # an earlier update of its own is replaced, through a temporary file
+        assert cli(capsys, *run, "--out", tmp_path / "u.safetensors")[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("u.")) == ["u.safetensors"]
+    with pytest.raises(SystemExit) as exited:  # argparse's own refusal
+        cli(capsys, "plan", "run", "--plan", tmp_path / "c.plan", "--data", data, "--client", -1)
+    assert exited.value.code == 2 and "--client: expected a whole number >= 0, got -1" in capsys.readouterr().err

@@ -11,6 +11,38 @@ from collections.abc import Callable
 from typing import Any
 
 
+def _non_negative(text: str) -> int:
+    """An argparse type: a client id or round index (argparse words the error in one line)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
+    return value
+
+
+def _check_update_out(path: str) -> None:
+    """``plan run --out`` may replace only an update file an earlier ``plan run`` wrote."""
+    import os
+
+    from fedrec.plans.format import PlanError
+
+    if os.path.isdir(path):
+        raise PlanError(f"--out {path} is a folder; give the update file's path, e.g. {path}/update.safetensors")
+    if os.path.exists(path):
+        try:
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as handle:
+                ours = "plan" in (handle.metadata() or {})
+        except Exception:  # noqa: BLE001 - anything unreadable is not ours
+            ours = False
+        if not ours:
+            raise PlanError(f"--out {path} already exists and is not an update written by fedrec plan run; "
+                            "choose a new path or remove it yourself")
+
+
 def add_plan_parser(sub: Any, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
     plan = sub.add_parser("plan", help="FL plans: export a client's computation, run it, deploy it over Flower")
     inner = plan.add_subparsers(dest="plan_command", required=True)
@@ -27,7 +59,7 @@ def add_plan_parser(sub: Any, add_common: Callable[[argparse.ArgumentParser], No
     add_common(data)
     data.add_argument("--logdir", help="a simulate run whose partition.npz to use (default: split as the config says)")
     data.add_argument("--out", required=True, help="folder for client-<id>.safetensors and <split>.safetensors")
-    data.add_argument("--clients", type=int, nargs="*", default=[], help="client ids")
+    data.add_argument("--clients", type=_non_negative, nargs="*", default=[], help="client ids")
     data.add_argument("--splits", nargs="*", default=[], choices=["val", "test"], help="held-out splits to write")
 
     info = inner.add_parser("info", help="check a plan and print its manifest")
@@ -36,8 +68,8 @@ def add_plan_parser(sub: Any, add_common: Callable[[argparse.ArgumentParser], No
     run = inner.add_parser("run", help="one client's round from a plan: no config, no simulator")
     run.add_argument("--plan", required=True)
     run.add_argument("--data", required=True, help="the client's data file (safetensors: dense, sparse, label)")
-    run.add_argument("--client", type=int, required=True, help="the client's id (seeds its data order)")
-    run.add_argument("--round", type=int, default=0, help="the round index (seeds its data order)")
+    run.add_argument("--client", type=_non_negative, required=True, help="the client's id (seeds its data order)")
+    run.add_argument("--round", type=_non_negative, default=0, help="the round index (seeds its data order)")
     run.add_argument("--weights", help="global weights (safetensors; default: the plan's)")
     run.add_argument("--out", help="write the update here (safetensors)")
 
@@ -110,6 +142,8 @@ def _run(args: argparse.Namespace) -> None:
     from fedrec.plans.data import read_client_data
     from fedrec.plans.runner import PlanRunner
 
+    if args.out:
+        _check_update_out(args.out)  # before any work, so a bad path costs nothing
     runner = PlanRunner(args.plan)
     data = read_client_data(args.data, runner.manifest)
     weights = _weights(runner, args.weights)
@@ -123,8 +157,16 @@ def _run(args: argparse.Namespace) -> None:
         for name, rows in result.update.rows.items():
             tensors[f"rows/{name}/ids"] = rows.ids.contiguous()
             tensors[f"rows/{name}/values"] = rows.values.contiguous()
-        save_file(tensors, args.out, metadata={"weight": str(result.update.weight), "client": str(args.client),
-                                               "round": str(args.round), "plan": runner.checksum})
+        import os
+
+        tmp = f"{args.out}.tmp-{os.getpid()}"  # never a half-written update under its name
+        try:
+            save_file(tensors, tmp, metadata={"weight": str(result.update.weight), "client": str(args.client),
+                                              "round": str(args.round), "plan": runner.checksum})
+            os.replace(tmp, args.out)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     print(json.dumps({"client": args.client, "round": args.round, "sample_num": result.sample_num,
                       "steps": result.num_steps, "mean_loss": result.mean_loss, "bytes_up": result.bytes_up,
                       "bytes_down": runner.download_bytes(data), "seconds": round(seconds, 4),
