@@ -179,8 +179,7 @@ class VectorizedEngine:
         optimizer state and gradients), its stacked parameters and its activations."""
         batch, tables = self.fl.local_batch_size, len(self.table_names)
         spec = self.spec
-        state = 4 * (1 + (1 if spec.kind == "SGD" and spec.momentum or spec.kind == "Adagrad" else
-                          2 if spec.kind == "Adam" else 0))
+        state = 4 * (1 + spec.state_elements)  # the value and its optimizer state
         data = steps * batch * (4 * self.num_dense + 8 * tables * 3 + 16)
         rows = steps * batch * tables * self.dim * (state + 8 + (0 if spec.stateless else 4))
         params = self.param_elements * (state + 8)

@@ -345,15 +345,11 @@ class ClientRunner:
 
     def _run_job_summed(self, job: RoundJob, result: JobResult) -> JobResult:
         """The vectorized engine's FedAvg uploads, summed chunk by chunk within each block."""
-        rounds = {int(c): job.context.client_rounds.get(c, job.round_idx) for _, block in job.blocks for c in block}
+        rounds = self._client_rounds(job)
         for block_index, clients in job.blocks:
             block = WeightedUpdate()
             for chunk in self.engine.chunks([int(c) for c in clients]):
-                try:
-                    update, stats = self.engine.train_sum(chunk, rounds, job.global_state)
-                except Exception as err:
-                    raise ClientError(f"round {job.round_idx}, clients {chunk[0]}-{chunk[-1]} (vectorized "
-                                      f"engine): {type(err).__name__}: {err}") from err
+                update, stats = self._engine_call(self.engine.train_sum, chunk, rounds, job)
                 block.add_(update)
                 result.stats.extend(stats)
             result.block_updates.append((block_index, block))
@@ -368,17 +364,23 @@ class ClientRunner:
         processes, so the results are too."""
         if self.engine is None:
             return None
-        clients = [int(c) for _, block in job.blocks for c in block]
-        rounds = {c: job.context.client_rounds.get(c, job.round_idx) for c in clients}
+        rounds = self._client_rounds(job)
+        return (self._engine_call(self.engine.train, chunk, rounds, job)
+                for _, block in job.blocks for chunk in self.engine.chunks([int(c) for c in block]))
 
-        def chunks():
-            for chunk in (chunk for _, block in job.blocks for chunk in self.engine.chunks([int(c) for c in block])):
-                try:
-                    yield self.engine.train(chunk, rounds, job.global_state)
-                except Exception as err:
-                    raise ClientError(f"round {job.round_idx}, clients {chunk[0]}-{chunk[-1]} (vectorized "
-                                      f"engine): {type(err).__name__}: {err}") from err
-        return chunks()
+    @staticmethod
+    def _client_rounds(job: RoundJob) -> Dict[int, int]:
+        """Each client's own round (FedBuff clients launched earlier; else the job's)."""
+        return {int(c): job.context.client_rounds.get(c, job.round_idx) for _, block in job.blocks for c in block}
+
+    @staticmethod
+    def _engine_call(method: Callable, chunk: List[int], rounds: Dict[int, int], job: RoundJob) -> Any:
+        """The vectorized engine's work on ``chunk``; a failure names the round and clients."""
+        try:
+            return method(chunk, rounds, job.global_state)
+        except Exception as err:
+            raise ClientError(f"round {job.round_idx}, clients {chunk[0]}-{chunk[-1]} (vectorized engine): "
+                              f"{type(err).__name__}: {err}") from err
 
     def client_context(self, cid: int, job: RoundJob) -> ClientContext:
         """Client ``cid``'s view of the round, its stored state loaded."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -41,6 +41,11 @@ class OptimizerSpec:
     initial_accumulator_value: float = 0.0
     eps: float = 0.0
     betas: tuple = (0.9, 0.999)
+
+    @property
+    def state_elements(self) -> int:
+        """Optimizer state kept per parameter element (momentum, Adagrad's sum, Adam's two)."""
+        return 2 if self.kind == "Adam" else 1 if self.kind == "Adagrad" or self.momentum else 0
 
     @property
     def stateless(self) -> bool:
@@ -93,12 +98,6 @@ class StackedOptimizer:
         if spec.kind == "Adam":
             return {"exp_avg": torch.zeros_like(tensor), "exp_avg_sq": torch.zeros_like(tensor)}
         return {}
-
-    def state_bytes_per_element(self) -> int:
-        """Bytes of optimizer state per parameter element (for the memory budget)."""
-        spec = self.spec
-        return 4 * (1 if (spec.kind == "SGD" and spec.momentum) or spec.kind == "Adagrad" else
-                    2 if spec.kind == "Adam" else 0)
 
     def next_step(self) -> None:
         """Begin a step of every active client (their step count: torch.optim's ``step``)."""
@@ -163,6 +162,3 @@ class StackedOptimizer:
             denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(spec.eps)
             param.addcdiv_(exp_avg, denom, value=-spec.lr / bias1)
 
-
-def describe(spec: Any) -> str:
-    return spec if isinstance(spec, str) else f"{spec.kind}(lr={spec.lr})"
