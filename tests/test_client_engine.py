@@ -142,6 +142,30 @@ def test_a_second_model_takes_the_torch_func_path(config, local_optimizer):
     _check_engine_against_sequential(runner, [c for c in range(12) if runner.partition.sizes[c] > 0][:6])
 
 
+@pytest.mark.parametrize("model", [None, "test_wide_and_deep"])
+def test_lanes_on_several_threads_give_the_same_bits_as_one(config, model):
+    """Lanes of clients train on ``fl.client_threads`` threads at once; a client's floats
+    do not depend on how many (each lane's kernels run on one thread), for the batched DLRM
+    and for the torch.func path, with momentum state and the summed uploads."""
+    if model:
+        config["model"] = {"name": model, "dim": 4, "preproc": config["model"]["preproc"]}
+    optimizer = {"name": "sgd", "lr": 0.05, "momentum": 0.9}
+    results = []
+    for threads in (1, 2, 3):
+        runner = _runner(config, local_optimizer=optimizer, local_epochs=2, client_threads=threads)
+        runner.engine.micro_clients = 2  # several lanes, of unequal lengths
+        clients = [c for c in range(14) if runner.partition.sizes[c] > 0][:9]
+        start = {k: v.detach().clone() for k, v in runner.model.state_dict().items()}
+        trained = runner.engine.train(clients, {c: 1 for c in clients}, start)
+        results.append({cid: (t.dense, t.rows, t.result) for cid, t in trained.items()})
+    for other in results[1:]:
+        for cid, (dense, rows, result) in results[0].items():
+            assert result == other[cid][2]
+            assert all(torch.equal(value, other[cid][0][name]) for name, value in dense.items())
+            for name, (ids, values) in rows.items():
+                assert torch.equal(ids, other[cid][1][name][0]) and torch.equal(values, other[cid][1][name][1])
+
+
 def test_chunks_stay_within_blocks_and_fit_the_budget(config):
     """A batched matmul's floats can depend on how many clients it batches, so the engine
     never batches across the fixed reduction blocks (the same for every backend)."""
@@ -279,9 +303,8 @@ def test_stacked_optimizer_is_torch_optim_per_client(name, kwargs):
                                  [stacked])
     for s in range(max(steps)):
         active = sum(n > s for n in steps)
-        optimizer.next_step()
         for a in range(0, active, 2):
             b = min(active, a + 2)
-            optimizer.apply([grads[s, a:b]], [(a, b)])
+            optimizer.apply(s + 1, [grads[s, a:b]], [(a, b)])
     for k in range(clients):
         assert torch.allclose(stacked[k], references[k], rtol=1e-6, atol=1e-7), k

@@ -18,6 +18,7 @@ block table's rows (duplicates add up, as an embedding's backward does).
 
 from __future__ import annotations
 
+import copy
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -41,6 +42,10 @@ class BatchedDLRM:
 
     name = "dlrm"
 
+    def for_another_thread(self) -> "BatchedDLRM":
+        """Itself: a step reads the model's constants only, so threads can share it."""
+        return self
+
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.bottom = _mlp_plan(model.dense_arch.mlp.layers, "dense_arch.mlp.layers")
@@ -48,6 +53,7 @@ class BatchedDLRM:
         self.dot = model.arch_interaction_op == "dot"
         if self.dot:
             self.pairs = model.interaction_arch.flat_pairs
+            self.z_gradient_source = _symmetric_gather(self.pairs, model.interaction_arch.num_features)
         self.threshold = float(model.loss_threshold)
         self.per_sample = per_sample_loss(model)
 
@@ -93,10 +99,14 @@ class BatchedDLRM:
             grad = _backward_mlp(self.top, params, top, grad_probs.unsqueeze(-1), grads)  # d features
             grad_x = grad[..., :x.shape[-1]]
             if self.dot:
-                grad_z = torch.zeros((k * b, z.shape[1] * z.shape[2]), dtype=z.dtype, device=z.device)
-                grad_z.index_copy_(1, self.pairs, grad[..., x.shape[-1]:].reshape(k * b, -1))
-                grad_z = grad_z.view_as(z)
-                grad_v = torch.bmm(grad_z + grad_z.transpose(1, 2), v).view(k, b, -1, x.shape[-1])
+                # d loss / d z is symmetric (z = v v^T): each pair's gradient at its place
+                # and its mirror, gathered in one pass (a diagonal pair's twice)
+                grad_pairs = grad[..., x.shape[-1]:].reshape(k * b, -1)
+                diagonal, source = self.z_gradient_source
+                grad_pairs = torch.cat((grad_pairs, grad_pairs.index_select(1, diagonal) * 2,
+                                        grad_pairs.new_zeros((k * b, 1))), dim=1)
+                grad_z = grad_pairs.index_select(1, source)
+                grad_v = torch.bmm(grad_z.view_as(z), v).view(k, b, -1, x.shape[-1])
                 grad_x = grad_x + grad_v[:, :, 0]
                 grad_lookups = grad_v[:, :, 1:]
             else:
@@ -135,6 +145,21 @@ def _backward_mlp(plan: List[Tuple[str, str]], params: Dict[str, Tensor], trace:
     return grad
 
 
+def _symmetric_gather(pairs: Tensor, features: int) -> Tuple[Tensor, Tensor]:
+    """(the diagonal pairs, where each of the F x F entries of d loss / d z comes from)
+    for the gradients ``g`` of the ``pairs`` (flat positions in z): ``cat(g, 2 g[:,
+    diagonal], 0)`` gathered by the second tensor is ``G + G^T``, G being ``g`` scattered
+    into zeros; one gather instead of a scatter, a transpose and an add."""
+    rows, cols = pairs // features, pairs % features
+    diagonal = torch.nonzero(rows == cols).flatten()
+    source = torch.full((features * features,), len(pairs) + len(diagonal), dtype=torch.long, device=pairs.device)
+    order = torch.arange(len(pairs), device=pairs.device)
+    source[pairs] = order
+    source[cols * features + rows] = order
+    source[pairs[diagonal]] = len(pairs) + torch.arange(len(diagonal), device=pairs.device)
+    return diagonal, source
+
+
 def _mlp_plan(layers: nn.Sequential, prefix: str) -> List[Tuple[str, str]]:
     plan = []
     for index, layer in enumerate(layers):
@@ -149,6 +174,11 @@ class FuncBatched:
     """Any DLRM-interface model, vmapped over clients with ``torch.func``."""
 
     name = "torch.func"
+
+    def for_another_thread(self) -> "FuncBatched":
+        """A copy around a copy of the model: ``functional_call`` swaps the module's
+        parameters in place while it runs, so two threads cannot share one module."""
+        return FuncBatched(copy.deepcopy(self.model), self.table_names)
 
     def __init__(self, model: nn.Module, table_names: List[str]) -> None:
         from torch.func import functional_call, grad_and_value, vmap

@@ -23,19 +23,22 @@ not change. :func:`choose` decides once per run, with a line for the run log.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import threading
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from fedrec.federated.cohort import Cohort, build_cohort, client_visits
+from fedrec.federated.cohort import _ID_BITS, Cohort, build_cohort, client_visits
 from fedrec.federated.stacked_optim import OptimizerSpec, StackedOptimizer, spec_of
 from fedrec.federated.update import RowSubset, RowUpdate, WeightedUpdate, gather_rows
 from fedrec.trainers.base_trainer import LocalTrainResult
 from fedrec.utilities.config import ConfigError
 from fedrec.utilities.random_state import derive_seed
+from fedrec.utilities.threads import torch_threads
 
 MIB = 1 << 20
 
@@ -171,6 +174,8 @@ class VectorizedEngine:
         self.per_client_reason = _per_client_reason(runner)
         self.sums_uploads = self.per_client_reason is None
         self.param_elements = sum(int(p.numel()) for n, p in self.model.named_parameters() if n in self.param_names)
+        self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._thread_forward = threading.local()  # each lane thread's forward (see _run)
 
     # -- memory budget --------------------------------------------------------------------
     def client_bytes(self, steps: int) -> int:
@@ -265,22 +270,28 @@ class VectorizedEngine:
             if name in params:
                 delta = params[name] - global_state[name].to(self.device).unsqueeze(0)
                 update.dense[name] = (delta * weight.view((-1,) + (1,) * (delta.dim() - 1))).sum(dim=0)
-        # every row of the block table: its client's weight, its delta
+        # every row of the block table: its client's weight, its delta; summed per
+        # (table, id) in one pass over all tables, each row's deltas added in client
+        # order (index_add_ follows the block table's order), as the clients' own sum does
         row_client = torch.repeat_interleave(torch.arange(cohort.num_clients),
                                              torch.from_numpy(cohort.segment[:, -1] - cohort.segment[:, 0]))
-        row_deltas = (table - start_rows) * weight[row_client.to(self.device)].unsqueeze(1)
+        row_weight = weight[row_client.to(self.device)]
+        row_deltas = (table - start_rows).mul_(row_weight.unsqueeze(1))
+        keys = (cohort.row_table << _ID_BITS) | cohort.row_ids
+        unique, inverse = torch.unique(keys, sorted=True, return_inverse=True)
+        values = torch.zeros((unique.numel(), self.dim), dtype=table.dtype, device=self.device)
+        values.index_add_(0, inverse.to(self.device), row_deltas)
+        weights = torch.zeros(unique.numel(), dtype=torch.float64)
+        weights.index_add_(0, inverse, row_weight.double().cpu())
+        bounds = torch.searchsorted(unique, torch.arange(len(self.table_names) + 1) << _ID_BITS).tolist()
         for t, name in enumerate(self.table_names):
-            where = self._rows_by_table[t]
-            ids, inverse = torch.unique(cohort.row_ids[where], sorted=True, return_inverse=True)
-            values = torch.zeros((ids.numel(), self.dim), dtype=table.dtype, device=self.device)
-            values.index_add_(0, inverse.to(self.device), row_deltas[where.to(self.device)])
+            lo, hi = bounds[t], bounds[t + 1]
+            ids = unique[lo:hi] & ((1 << _ID_BITS) - 1)
             if name in runner.whole_names:  # dense updates on the full-table path: the table whole
                 full = torch.zeros_like(runner.replica[name], device=self.device)
-                update.dense[name] = full.index_add_(0, ids.to(self.device), values)
+                update.dense[name] = full.index_add_(0, ids.to(self.device), values[lo:hi])
             else:
-                row_weight = torch.zeros(ids.numel(), dtype=torch.float64)
-                row_weight.index_add_(0, inverse, weight.double().cpu()[row_client[where]])
-                update.rows[name] = RowUpdate(ids, values, row_weight)
+                update.rows[name] = RowUpdate(ids, values[lo:hi].clone(), weights[lo:hi].clone())
         # bytes as each client's own download and upload count them (ClientRunner)
         rows = (cohort.segment[:, -1] - cohort.segment[:, 0]) * (8 + self.dim * runner.fl.value_bytes)
         traffic = (runner.dense_bytes + (rows if runner.sparse_mode else 0 * rows)).tolist()
@@ -313,28 +324,68 @@ class VectorizedEngine:
         return params, table
 
     def _run(self, cohort: Cohort, params: Dict[str, Tensor], table: Tensor) -> Tensor:
-        """Every step of the cohort's clients; returns each client's summed loss."""
+        """Every step of the cohort's clients; returns each client's summed loss.
+
+        The clients are cut into *lanes* of :attr:`micro_clients` consecutive clients (a
+        batch that stays in cache trains faster per sample than all of them at once:
+        benchmarks/fl_round.py). A lane's clients share nothing with another lane's (their
+        weights, rows and optimizer state are disjoint slices), so the lanes run on
+        ``fl.client_threads`` threads at once, each lane's kernels on one thread: a
+        client's floats are then the same whatever the thread count.
+        """
         names = list(params)
         optimizer = StackedOptimizer(self.spec, [params[n] for n in names] + [table])
         losses = torch.zeros(cohort.num_clients, dtype=torch.float64)
-        tables, micro = len(self.table_names), self.micro_clients
         row_start = np.concatenate([cohort.segment[:, 0], cohort.segment[-1:, -1]]) if cohort.num_clients else [0]
-        for s, active in enumerate(cohort.active):
-            optimizer.next_step()
-            # the active clients a few at a time: a batch that stays in cache trains
-            # faster per sample than all of them at once (benchmarks/fl_round.py)
-            for a in range(0, active, micro):
-                b = min(active, a + micro)
-                rows = (int(row_start[a]), int(row_start[b]))
-                dense, positions, label, weight = cohort.batch(s, a, b)  # positions [k, B, T]
-                lookups = table.index_select(0, positions.reshape(-1)).view(b - a, -1, tables, self.dim)
-                step_losses, grads, lookup_grads = self.forward.step(
-                    {n: params[n][a:b] for n in names}, lookups, dense, label, weight)
-                optimizer.apply([grads[n] for n in names] + [None], [(a, b)] * len(names) + [rows],
-                                row_grads={len(names): (positions.reshape(-1) - rows[0],
-                                                        lookup_grads.reshape(-1, self.dim))})
-                losses[a:b] += step_losses.to("cpu", torch.float64) * cohort.counts[s, a:b]
+        if self.device.type != "cpu":  # one lane: the accelerator batches every client itself
+            self._run_lane(cohort, params, table, optimizer, losses, row_start, 0, cohort.num_clients)
+            return losses
+        micro = self.micro_clients
+        lanes = [(a, min(a + micro, cohort.num_clients)) for a in range(0, cohort.num_clients, micro)]
+        threads = min(int(self.fl.client_threads), len(lanes))
+        with torch_threads(1):
+            if threads <= 1:
+                for a, b in lanes:
+                    self._run_lane(cohort, params, table, optimizer, losses, row_start, a, b)
+            else:  # the lanes with most steps come first, so the threads finish together
+                pool = self._lane_pool(threads)
+                for done in [pool.submit(self._run_lane_on_one_thread, cohort, params, table, optimizer, losses,
+                                         row_start, a, b) for a, b in lanes]:
+                    done.result()
         return losses
+
+    def _lane_pool(self, threads: int) -> concurrent.futures.ThreadPoolExecutor:
+        if self._pool is None or self._pool._max_workers != threads:
+            if self._pool is not None:
+                self._pool.shutdown()
+            self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="fedrec-lane")
+        return self._pool
+
+    def _run_lane_on_one_thread(self, *args: Any) -> None:
+        torch.set_num_threads(1)  # this thread's kernels (the setting is per thread)
+        if not hasattr(self._thread_forward, "forward"):
+            self._thread_forward.forward = self.forward.for_another_thread()
+        self._run_lane(*args, forward=self._thread_forward.forward)
+
+    def _run_lane(self, cohort: Cohort, params: Dict[str, Tensor], table: Tensor, optimizer: StackedOptimizer,
+                  losses: Tensor, row_start: Any, first: int, stop: int, forward: Any = None) -> None:
+        """Every step of clients ``first``..``stop - 1`` (engine order), those still
+        training at each step (a prefix: the cohort's clients come most steps first)."""
+        names, tables, forward = list(params), len(self.table_names), forward or self.forward
+        for s, active in enumerate(cohort.active):
+            b = min(active, stop)
+            if b <= first:
+                break
+            a = first
+            rows = (int(row_start[a]), int(row_start[b]))
+            dense, positions, label, weight = cohort.batch(s, a, b)  # positions [k, B, T]
+            lookups = table.index_select(0, positions.reshape(-1)).view(b - a, -1, tables, self.dim)
+            step_losses, grads, lookup_grads = forward.step(
+                {n: params[n][a:b] for n in names}, lookups, dense, label, weight)
+            optimizer.apply(s + 1, [grads[n] for n in names] + [None], [(a, b)] * len(names) + [rows],
+                            row_grads={len(names): (positions.reshape(-1) - rows[0],
+                                                    lookup_grads.reshape(-1, self.dim))})
+            losses[a:b] += step_losses.to("cpu", torch.float64) * cohort.counts[s, a:b]
 
     def _results(self, cohort: Cohort, params: Dict[str, Tensor], table: Tensor,
                  losses: Tensor) -> Dict[int, TrainedClient]:

@@ -4,8 +4,9 @@ The vectorized client engine keeps every client's copy of a parameter in one ten
 (clients along the first dimension, or client segments of an embedding block table).
 Each client would have built its own ``torch.optim`` optimizer; its state is per element,
 so one optimizer over the stacked tensor is every client's optimizer at once, provided
-that (a) every client takes its steps at the same time (the engine starts them together,
-so a client's step count is the engine's) and (b) a client that has finished moves
+that (a) the clients updated together have taken the same number of steps (the engine
+starts them together, so its step ``s`` is every active client's step ``s + 1``; each
+call says which) and (b) a client that has finished moves
 neither its weights nor its state: every update here touches only the slices of the
 clients it is given (the engine keeps those still training as a prefix).
 
@@ -87,7 +88,6 @@ class StackedOptimizer:
         self.spec = spec
         self.tensors = tensors
         self.state: List[Dict[str, Tensor]] = [self._initial_state(t) for t in tensors]
-        self.steps = 0
 
     def _initial_state(self, tensor: Tensor) -> Dict[str, Tensor]:
         spec = self.spec
@@ -99,18 +99,16 @@ class StackedOptimizer:
             return {"exp_avg": torch.zeros_like(tensor), "exp_avg_sq": torch.zeros_like(tensor)}
         return {}
 
-    def next_step(self) -> None:
-        """Begin a step of every active client (their step count: torch.optim's ``step``)."""
-        self.steps += 1
-
     @torch.no_grad()
-    def apply(self, grads: List[Optional[Tensor]], ranges: List[tuple],
+    def apply(self, step: int, grads: List[Optional[Tensor]], ranges: List[tuple],
               row_grads: Optional[Dict[int, tuple]] = None) -> None:
-        """This step's update of some clients: ``tensors[i][start:stop]`` for
+        """Step ``step`` (1 for a client's first: torch.optim's step count) of some
+        clients: ``tensors[i][start:stop]`` for
         ``ranges[i] = (start, stop)`` by ``grads[i]`` (or None: it comes as ``row_grads[i] =
         (rows, values)``, a row-sparse gradient whose rows count from ``start`` and whose
         duplicate rows add up, as an embedding's backward adds them). The clients of one
-        step may come in several calls (disjoint ranges): each element's maths is its own.
+        step may come in several calls (disjoint ranges), from several threads at once:
+        each element's maths is its own, and a call touches only its ranges.
         """
         spec = self.spec
         row_grads = row_grads or {}
@@ -132,23 +130,23 @@ class StackedOptimizer:
                     param.index_add_(0, rows, values * -spec.lr)
                     continue
                 grad = torch.zeros_like(param).index_add_(0, rows, values)
-            self._update(param, grad, {k: v[start:stop] for k, v in self.state[i].items()})
+            self._update(param, grad, {k: v[start:stop] for k, v in self.state[i].items()}, step)
 
-    def _update(self, param: Tensor, grad: Tensor, state: Dict[str, Tensor]) -> None:
+    def _update(self, param: Tensor, grad: Tensor, state: Dict[str, Tensor], step: int) -> None:
         spec = self.spec
         if spec.weight_decay:
             grad = grad.add(param, alpha=spec.weight_decay)
         if spec.kind == "SGD":
             if spec.momentum:
                 buf = state["momentum_buffer"]
-                if self.steps == 1:  # torch.optim.SGD: the first step's buffer is the gradient
+                if step == 1:  # torch.optim.SGD: the first step's buffer is the gradient
                     buf.copy_(grad)
                 else:
                     buf.mul_(spec.momentum).add_(grad, alpha=1 - spec.dampening)
                 grad = grad.add(buf, alpha=spec.momentum) if spec.nesterov else buf
             param.add_(grad, alpha=-spec.lr)
         elif spec.kind == "Adagrad":
-            clr = spec.lr / (1 + (self.steps - 1) * spec.lr_decay)
+            clr = spec.lr / (1 + (step - 1) * spec.lr_decay)
             state["sum"].addcmul_(grad, grad, value=1)
             std = state["sum"].sqrt().add_(spec.eps)
             param.addcdiv_(grad, std, value=-clr)
@@ -157,8 +155,8 @@ class StackedOptimizer:
             exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
             exp_avg.lerp_(grad, 1 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            bias1 = 1 - beta1 ** self.steps
-            bias2_sqrt = math.sqrt(1 - beta2 ** self.steps)
+            bias1 = 1 - beta1 ** step
+            bias2_sqrt = math.sqrt(1 - beta2 ** step)
             denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(spec.eps)
             param.addcdiv_(exp_avg, denom, value=-spec.lr / bias1)
 
