@@ -101,10 +101,13 @@ class BatchedDLRM:
             if self.dot:
                 # d loss / d z is symmetric (z = v v^T): each pair's gradient at its place
                 # and its mirror, gathered in one pass (a diagonal pair's twice)
-                grad_pairs = grad[..., x.shape[-1]:].reshape(k * b, -1)
                 diagonal, source = self.z_gradient_source
-                grad_pairs = torch.cat((grad_pairs, grad_pairs.index_select(1, diagonal) * 2,
-                                        grad_pairs.new_zeros((k * b, 1))), dim=1)
+                if diagonal.numel():
+                    grad_pairs = grad[..., x.shape[-1]:].reshape(k * b, -1)
+                    grad_pairs = torch.cat((grad_pairs, grad_pairs.index_select(1, diagonal) * 2,
+                                            grad_pairs.new_zeros((k * b, 1))), dim=1)
+                else:  # the pairs' gradients and a zero
+                    grad_pairs = torch.nn.functional.pad(grad[..., x.shape[-1]:], (0, 1)).view(k * b, -1)
                 grad_z = grad_pairs.index_select(1, source)
                 grad_v = torch.bmm(grad_z.view_as(z), v).view(k, b, -1, x.shape[-1])
                 grad_x = grad_x + grad_v[:, :, 0]

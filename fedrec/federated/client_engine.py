@@ -335,11 +335,13 @@ class VectorizedEngine:
         """
         names = list(params)
         optimizer = StackedOptimizer(self.spec, [params[n] for n in names] + [table])
-        losses = torch.zeros(cohort.num_clients, dtype=torch.float64)
+        # each step's mean loss per client, weighted by its samples at the end (no
+        # per-step host round trip on an accelerator)
+        losses = torch.zeros((len(cohort.active), cohort.num_clients), dtype=torch.float32, device=self.device)
         row_start = np.concatenate([cohort.segment[:, 0], cohort.segment[-1:, -1]]) if cohort.num_clients else [0]
         if self.device.type != "cpu":  # one lane: the accelerator batches every client itself
             self._run_lane(cohort, params, table, optimizer, losses, row_start, 0, cohort.num_clients)
-            return losses
+            return self._loss_sums(cohort, losses)
         micro = self.micro_clients
         lanes = [(a, min(a + micro, cohort.num_clients)) for a in range(0, cohort.num_clients, micro)]
         threads = min(int(self.fl.client_threads), len(lanes))
@@ -352,7 +354,12 @@ class VectorizedEngine:
                 for done in [pool.submit(self._run_lane_on_one_thread, cohort, params, table, optimizer, losses,
                                          row_start, a, b) for a, b in lanes]:
                     done.result()
-        return losses
+        return self._loss_sums(cohort, losses)
+
+    @staticmethod
+    def _loss_sums(cohort: Cohort, losses: Tensor) -> Tensor:
+        """Each client's summed loss (its steps' mean losses times their samples)."""
+        return (losses.to("cpu", torch.float64) * cohort.counts).sum(dim=0)
 
     def _lane_pool(self, threads: int) -> concurrent.futures.ThreadPoolExecutor:
         if self._pool is None or self._pool._max_workers != threads:
@@ -385,7 +392,7 @@ class VectorizedEngine:
             optimizer.apply(s + 1, [grads[n] for n in names] + [None], [(a, b)] * len(names) + [rows],
                             row_grads={len(names): (positions.reshape(-1) - rows[0],
                                                     lookup_grads.reshape(-1, self.dim))})
-            losses[a:b] += step_losses.to("cpu", torch.float64) * cohort.counts[s, a:b]
+            losses[s, a:b] = step_losses
 
     def _results(self, cohort: Cohort, params: Dict[str, Tensor], table: Tensor,
                  losses: Tensor) -> Dict[int, TrainedClient]:
