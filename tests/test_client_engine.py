@@ -156,14 +156,23 @@ def test_lanes_on_several_threads_give_the_same_bits_as_one(config, model):
         runner.engine.micro_clients = 2  # several lanes, of unequal lengths
         clients = [c for c in range(14) if runner.partition.sizes[c] > 0][:9]
         start = {k: v.detach().clone() for k, v in runner.model.state_dict().items()}
-        trained = runner.engine.train(clients, {c: 1 for c in clients}, start)
-        results.append({cid: (t.dense, t.rows, t.result) for cid, t in trained.items()})
-    for other in results[1:]:
-        for cid, (dense, rows, result) in results[0].items():
+        rounds = {c: 1 for c in clients}
+        trained = runner.engine.train(clients, rounds, start)
+        # a job's small chunks train side by side, each on one thread
+        sums = list(runner.engine.map_chunks(lambda chunk: runner.engine.train_sum(chunk, rounds, start),
+                                             [clients[:4], clients[4:6], clients[6:]]))
+        results.append(({cid: (t.dense, t.rows, t.result) for cid, t in trained.items()}, sums))
+    for other, other_sums in results[1:]:
+        for cid, (dense, rows, result) in results[0][0].items():
             assert result == other[cid][2]
             assert all(torch.equal(value, other[cid][0][name]) for name, value in dense.items())
             for name, (ids, values) in rows.items():
                 assert torch.equal(ids, other[cid][1][name][0]) and torch.equal(values, other[cid][1][name][1])
+        for (update, stats), (other_update, other_stats) in zip(results[0][1], other_sums, strict=True):
+            assert stats == other_stats
+            assert all(torch.equal(value, other_update.dense[name]) for name, value in update.dense.items())
+            for name, rows in update.rows.items():
+                assert torch.equal(rows.values, other_update.rows[name].values), name
 
 
 def test_chunks_stay_within_blocks_and_fit_the_budget(config):
@@ -247,11 +256,14 @@ def test_a_memory_budget_too_small_for_one_client_names_the_size_it_needs(config
 
 
 @needs_mpi
-def test_vectorized_engine_under_mpi_gives_the_local_result(synthetic_data, tmp_path):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_vectorized_engine_under_mpi_gives_the_local_result(synthetic_data, tmp_path, threads):
+    """Each process trains its blocks' chunks; with two threads its lanes and chunks run
+    side by side (more of them at once locally than in a process with fewer blocks)."""
     from fedrec.federated.run import run_simulation
 
     config = _config(synthetic_data["config"], backend="local", num_rounds=2, client_engine="vectorized",
-                     embedding_updates="sparse")
+                     embedding_updates="sparse", client_threads=threads)
     run_simulation(config, tmp_path / "local", print_rounds=False)
     config["fl"]["backend"] = "mpi"
     simulate(config, tmp_path / "mpi", processes=3)

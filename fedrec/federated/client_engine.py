@@ -26,7 +26,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import threading
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -217,6 +217,50 @@ class VectorizedEngine:
             out.append(current)
         return out
 
+    def map_chunks(self, work: Callable[[List[int]], Any], chunks: Sequence[List[int]]) -> Iterator[Any]:
+        """``work(chunk)`` for each chunk, in order. Several chunks (up to
+        ``fl.client_threads``, together within ``fl.vectorize_memory_mb``) train at once,
+        each on one thread, when a job has many small chunks (one per reduction block,
+        say); a chunk's floats are the same on whichever thread it runs."""
+        threads = int(self.fl.client_threads)
+        if threads <= 1 or len(chunks) <= 1 or self.device.type != "cpu":
+            yield from (work(chunk) for chunk in chunks)
+            return
+        pool = self._lane_pool(threads)
+        for wave in self._waves(chunks, threads):
+            if len(wave) == 1:  # alone: its lanes share the threads
+                yield work(wave[0])
+                continue
+            futures = [pool.submit(self._on_one_thread, work, chunk) for chunk in wave]
+            try:
+                for future in futures:
+                    yield future.result()
+            finally:
+                for future in futures:
+                    future.cancel()
+
+    def _waves(self, chunks: Sequence[List[int]], threads: int) -> List[List[List[int]]]:
+        """Consecutive chunks grouped: at most ``threads`` of them, within the budget."""
+        waves: List[List[List[int]]] = []
+        used = self.budget + 1
+        for chunk in chunks:
+            need = sum(self.client_bytes(self._steps_of(c)) for c in chunk)
+            if used + need > self.budget or len(waves[-1]) >= threads:
+                waves.append([])
+                used = 0
+            waves[-1].append(chunk)
+            used += need
+        return waves
+
+    def _on_one_thread(self, work: Callable[[List[int]], Any], chunk: List[int]) -> Any:
+        """``work(chunk)`` on a pool thread: its kernels and its lanes on this thread."""
+        torch.set_num_threads(1)
+        self._thread_forward.busy = True  # the pool is busy: run this chunk's lanes here
+        try:
+            return work(chunk)
+        finally:
+            self._thread_forward.busy = False
+
     def _steps_of(self, cid: int) -> int:
         n = int(self.runner.partition.sizes[cid])
         if n == 0:
@@ -313,9 +357,9 @@ class VectorizedEngine:
         order = torch.from_numpy(np.argsort(cohort.row_table.numpy().astype(np.int16), kind="stable"))
         bounds = np.concatenate([[0], np.cumsum(np.bincount(cohort.row_table.numpy(),
                                                             minlength=len(self.table_names)))])
-        self._rows_by_table = [order[bounds[t]:bounds[t + 1]] for t in range(len(self.table_names))]
+        rows_by_table = [order[bounds[t]:bounds[t + 1]] for t in range(len(self.table_names))]
         for t, name in enumerate(self.table_names):
-            where = self._rows_by_table[t]
+            where = rows_by_table[t]
             if where.numel():
                 source = global_state[name]
                 device = source.values.device if isinstance(source, RowSubset) else source.device
@@ -346,14 +390,20 @@ class VectorizedEngine:
         lanes = [(a, min(a + micro, cohort.num_clients)) for a in range(0, cohort.num_clients, micro)]
         threads = min(int(self.fl.client_threads), len(lanes))
         with torch_threads(1):
-            if threads <= 1:
+            if threads <= 1 or getattr(self._thread_forward, "busy", False):
+                forward = self._forward_here() if getattr(self._thread_forward, "busy", False) else self.forward
                 for a, b in lanes:
-                    self._run_lane(cohort, params, table, optimizer, losses, row_start, a, b)
+                    self._run_lane(cohort, params, table, optimizer, losses, row_start, a, b, forward)
             else:  # the lanes with most steps come first, so the threads finish together
                 pool = self._lane_pool(threads)
-                for done in [pool.submit(self._run_lane_on_one_thread, cohort, params, table, optimizer, losses,
-                                         row_start, a, b) for a, b in lanes]:
-                    done.result()
+                futures = [pool.submit(self._run_lane_on_one_thread, cohort, params, table, optimizer, losses,
+                                       row_start, a, b) for a, b in lanes]
+                try:
+                    for future in futures:
+                        future.result()
+                finally:  # a failed lane: the others not yet started never start
+                    for future in futures:
+                        future.cancel()
         return self._loss_sums(cohort, losses)
 
     @staticmethod
@@ -370,9 +420,13 @@ class VectorizedEngine:
 
     def _run_lane_on_one_thread(self, *args: Any) -> None:
         torch.set_num_threads(1)  # this thread's kernels (the setting is per thread)
+        self._run_lane(*args, forward=self._forward_here())
+
+    def _forward_here(self) -> Any:
+        """The forward this pool thread uses (its own copy where threads cannot share one)."""
         if not hasattr(self._thread_forward, "forward"):
             self._thread_forward.forward = self.forward.for_another_thread()
-        self._run_lane(*args, forward=self._thread_forward.forward)
+        return self._thread_forward.forward
 
     def _run_lane(self, cohort: Cohort, params: Dict[str, Tensor], table: Tensor, optimizer: StackedOptimizer,
                   losses: Tensor, row_start: Any, first: int, stop: int, forward: Any = None) -> None:

@@ -346,10 +346,13 @@ class ClientRunner:
     def _run_job_summed(self, job: RoundJob, result: JobResult) -> JobResult:
         """The vectorized engine's FedAvg uploads, summed chunk by chunk within each block."""
         rounds = self._client_rounds(job)
-        for block_index, clients in job.blocks:
+        chunks = [self.engine.chunks([int(c) for c in clients]) for _, clients in job.blocks]
+        summed = self.engine.map_chunks(lambda chunk: self._engine_call(self.engine.train_sum, chunk, rounds, job),
+                                        [chunk for block_chunks in chunks for chunk in block_chunks])
+        for (block_index, _), block_chunks in zip(job.blocks, chunks):
             block = WeightedUpdate()
-            for chunk in self.engine.chunks([int(c) for c in clients]):
-                update, stats = self._engine_call(self.engine.train_sum, chunk, rounds, job)
+            for _chunk in block_chunks:
+                update, stats = next(summed)
                 block.add_(update)
                 result.stats.extend(stats)
             result.block_updates.append((block_index, block))
@@ -365,8 +368,9 @@ class ClientRunner:
         if self.engine is None:
             return None
         rounds = self._client_rounds(job)
-        return (self._engine_call(self.engine.train, chunk, rounds, job)
-                for _, block in job.blocks for chunk in self.engine.chunks([int(c) for c in block]))
+        return self.engine.map_chunks(lambda chunk: self._engine_call(self.engine.train, chunk, rounds, job),
+                                      [chunk for _, block in job.blocks for chunk in self.engine.chunks(
+                                          [int(c) for c in block])])
 
     @staticmethod
     def _client_rounds(job: RoundJob) -> Dict[int, int]:
