@@ -273,8 +273,9 @@ class VectorizedEngine:
               global_state: Dict[str, Any]) -> Dict[int, TrainedClient]:
         """Train ``client_ids`` from ``global_state``; client ``c`` shuffles with the seed
         of its round ``round_of[c]``, as the sequential engine does."""
-        cohort, params, table, _, losses = self._train_stacked(client_ids, round_of, global_state)
-        return self._results(cohort, params, table, losses)
+        with torch_threads(1):  # see _run: one intra-op thread, whatever thread runs it
+            cohort, params, table, _, losses = self._train_stacked(client_ids, round_of, global_state)
+            return self._results(cohort, params, table, losses)
 
     def _train_stacked(self, client_ids: Sequence[int], round_of: Dict[int, int], global_state: Dict[str, Any],
                        keep_start: bool = False) -> Tuple[Cohort, Dict[str, Tensor], Tensor, Optional[Tensor], Tensor]:
@@ -301,6 +302,11 @@ class VectorizedEngine:
         those of the clients that read each row; the same values and bytes as the clients'
         own uploads, added up per block instead of client by client.
         """
+        with torch_threads(1):  # see _run: one intra-op thread, whatever thread runs it
+            return self._train_sum(client_ids, round_of, global_state)
+
+    def _train_sum(self, client_ids: Sequence[int], round_of: Dict[int, int],
+                   global_state: Dict[str, Any]) -> Tuple[WeightedUpdate, List[Any]]:
         from fedrec.federated.client_runner import ClientStats
 
         runner = self.runner
@@ -320,7 +326,7 @@ class VectorizedEngine:
         row_client = torch.repeat_interleave(torch.arange(cohort.num_clients),
                                              torch.from_numpy(cohort.segment[:, -1] - cohort.segment[:, 0]))
         row_weight = weight[row_client.to(self.device)]
-        row_deltas = (table - start_rows).mul_(row_weight.unsqueeze(1))
+        row_deltas = table.sub_(start_rows).mul_(row_weight.unsqueeze(1))  # the table is done with
         keys = (cohort.row_table << _ID_BITS) | cohort.row_ids
         unique, inverse = torch.unique(keys, sorted=True, return_inverse=True)
         values = torch.zeros((unique.numel(), self.dim), dtype=table.dtype, device=self.device)
@@ -374,8 +380,9 @@ class VectorizedEngine:
         batch that stays in cache trains faster per sample than all of them at once:
         benchmarks/fl_round.py). A lane's clients share nothing with another lane's (their
         weights, rows and optimizer state are disjoint slices), so the lanes run on
-        ``fl.client_threads`` threads at once, each lane's kernels on one thread: a
-        client's floats are then the same whatever the thread count.
+        ``fl.client_threads`` threads at once, each lane's kernels on one thread. All of a
+        chunk's work runs on one intra-op thread (``train``, ``train_sum``), so a client's
+        floats are the same whatever the thread count and whichever thread ran them.
         """
         names = list(params)
         optimizer = StackedOptimizer(self.spec, [params[n] for n in names] + [table])
