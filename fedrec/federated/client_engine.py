@@ -175,6 +175,7 @@ class VectorizedEngine:
         self.sums_uploads = self.per_client_reason is None
         self.param_elements = sum(int(p.numel()) for n, p in self.model.named_parameters() if n in self.param_names)
         self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._pool_threads = 0
         self._thread_forward = threading.local()  # each lane thread's forward (see _run)
 
     # -- memory budget --------------------------------------------------------------------
@@ -242,11 +243,11 @@ class VectorizedEngine:
     def _waves(self, chunks: Sequence[List[int]], threads: int) -> List[List[List[int]]]:
         """Consecutive chunks grouped: at most ``threads`` of them, within the budget."""
         waves: List[List[List[int]]] = []
-        used = self.budget + 1
+        used = 0
         for chunk in chunks:
             need = sum(self.client_bytes(self._steps_of(c)) for c in chunk)
-            if used + need > self.budget or len(waves[-1]) >= threads:
-                waves.append([])
+            if not waves or used + need > self.budget or len(waves[-1]) >= threads:
+                waves.append([])  # a new wave for this chunk
                 used = 0
             waves[-1].append(chunk)
             used += need
@@ -419,10 +420,12 @@ class VectorizedEngine:
         return (losses.to("cpu", torch.float64) * cohort.counts).sum(dim=0)
 
     def _lane_pool(self, threads: int) -> concurrent.futures.ThreadPoolExecutor:
-        if self._pool is None or self._pool._max_workers != threads:
+        """The threads lanes and chunks run on (kept: their forward copies live on them)."""
+        if self._pool is None or self._pool_threads != threads:
             if self._pool is not None:
                 self._pool.shutdown()
             self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="fedrec-lane")
+            self._pool_threads = threads
         return self._pool
 
     def _run_lane_on_one_thread(self, *args: Any) -> None:
