@@ -205,6 +205,10 @@ def _simulate(config, logdir):
     ({"fl_algo": {"name": "fed_avg"}}, True),  # dense mode, fast path: rows, bytes as dense
     ({"fl_algo": {"name": "fed_avgm", "server_lr": 0.5, "server_momentum": 0.9}, "dense_fast_path": "off"}, True),
     ({"fl_algo": {"name": "fed_nova"}, "embedding_updates": "sparse"}, False),  # its own upload
+    # FedProx's term mu (w - start) on the MLPs and the rows read, in both modes
+    ({"fl_algo": {"name": "fed_prox", "mu": 0.5}, "embedding_updates": "sparse", "local_epochs": 2}, True),
+    ({"fl_algo": {"name": "fed_prox", "mu": 0.5}, "local_optimizer": {"name": "sgd", "lr": 0.05,
+                                                                        "momentum": 0.9}}, True),
     ({"postprocessors": [{"name": "l2_clip", "bound": 0.5}]}, False),
     ({"local_epochs": None, "local_steps": 3, "embedding_updates": "sparse"}, False),
 ])
@@ -227,11 +231,11 @@ def test_simulation_with_the_vectorized_engine_matches_the_sequential_one(config
 
 
 def test_auto_falls_back_with_a_reason_and_forcing_it_is_a_clear_error(config):
-    config["fl"]["fl_algo"] = {"name": "fed_prox", "mu": 0.1}
+    config["fl"]["fl_algo"] = {"name": "scaffold"}
     runner = _runner(config, client_engine="auto")
     assert runner.engine is None
-    assert runner.engine_note == "client engine: sequential (fl_algo 'fed_prox' has its own local training hooks)"
-    with pytest.raises(VectorizationError, match=r"fed_prox.*use fl.client_engine: auto"):
+    assert runner.engine_note == "client engine: sequential (fl_algo 'scaffold' has its own local training hooks)"
+    with pytest.raises(VectorizationError, match=r"scaffold.*use fl.client_engine: auto"):
         _runner(config)
     config["fl"].update({"fl_algo": {"name": "fed_avg"}, "local_optimizer": {"name": "rowwise_adagrad", "lr": 0.1}})
     with pytest.raises(VectorizationError, match="the local optimizer is RowWiseAdagrad; the vectorized engine "

@@ -81,7 +81,8 @@ def _blocker(runner: Any) -> Tuple[Optional[str], Any]:
 
     fl, model, algorithm = runner.fl, runner.model, runner.algorithm
     name = fl.fl_algo.get("name")
-    if (algorithm.begin_local_training is not FederatedWorker.begin_local_training
+    if proximal_mu(algorithm, fl) is None and (
+            algorithm.begin_local_training is not FederatedWorker.begin_local_training
             or algorithm.local_objective is not FederatedWorker.local_objective):
         return f"fl_algo {name!r} has its own local training hooks", None
     if getattr(algorithm, "train", None) is not FederatedWorker.train:
@@ -121,6 +122,22 @@ def _blocker(runner: Any) -> Tuple[Optional[str], Any]:
     if BatchedDLRM.blocker(model) is None:
         return None, BatchedDLRM(model)
     return None, FuncBatched(model, list(tables))
+
+
+def proximal_mu(algorithm: type, fl: Any) -> Optional[float]:
+    """FedProx's ``mu`` when ``algorithm`` is FedProx with its own hooks unchanged (its
+    local term, ``mu/2 ||w - w_start||^2`` over the MLPs and the rows the client reads, is
+    one more gradient term the engine adds per client), else None."""
+    import inspect
+
+    from fedrec.federated.fedprox import FedProxWorker
+
+    if not (isinstance(algorithm, type) and issubclass(algorithm, FedProxWorker)
+            and algorithm.begin_local_training is FedProxWorker.begin_local_training
+            and algorithm.local_objective is FedProxWorker.local_objective):
+        return None
+    default = inspect.signature(FedProxWorker.__init__).parameters["mu"].default
+    return float(fl.fl_algo.get("mu", default))
 
 
 def _per_client_reason(runner: Any) -> Optional[str]:
@@ -171,6 +188,7 @@ class VectorizedEngine:
         #: stays in this machine's caches (measured: 8-16 demo clients of 32 samples train
         #: at 5-6 us a sample, 100 at once at 12)
         self.micro_clients = max(1, (4 * MIB) // (self.fl.local_batch_size * self._activation_bytes_per_sample()))
+        self.prox_mu = proximal_mu(runner.algorithm, self.fl) or 0.0  # FedProx's term (0: none)
         self.per_client_reason = _per_client_reason(runner)
         self.sums_uploads = self.per_client_reason is None
         self.param_elements = sum(int(p.numel()) for n, p in self.model.named_parameters() if n in self.param_names)
@@ -289,8 +307,9 @@ class VectorizedEngine:
             visits.append(client_visits(loader, fl))
         cohort = build_cohort(self.split, visits, client_ids, fl.local_batch_size, len(self.table_names), self.device)
         params, table = self._initial_weights(cohort, global_state)
-        start_rows = table.clone() if keep_start else None
-        losses = self._run(cohort, params, table)
+        start_rows = table.clone() if keep_start or self.prox_mu else None
+        anchor = {n: global_state[n].to(self.device).unsqueeze(0) for n in params} if self.prox_mu else None
+        losses = self._run(cohort, params, table, anchor, start_rows)
         return cohort, params, table, start_rows, losses
 
     def train_sum(self, client_ids: Sequence[int], round_of: Dict[int, int],
@@ -374,7 +393,8 @@ class VectorizedEngine:
                 table[where.to(self.device)] = rows.to(self.device, table.dtype)
         return params, table
 
-    def _run(self, cohort: Cohort, params: Dict[str, Tensor], table: Tensor) -> Tensor:
+    def _run(self, cohort: Cohort, params: Dict[str, Tensor], table: Tensor,
+             anchor: Optional[Dict[str, Tensor]] = None, start_rows: Optional[Tensor] = None) -> Tensor:
         """Every step of the cohort's clients; returns each client's summed loss.
 
         The clients are cut into *lanes* of :attr:`micro_clients` consecutive clients (a
@@ -384,6 +404,8 @@ class VectorizedEngine:
         ``fl.client_threads`` threads at once, each lane's kernels on one thread. All of a
         chunk's work runs on one intra-op thread (``train``, ``train_sum``), so a client's
         floats are the same whatever the thread count and whichever thread ran them.
+        ``anchor`` and ``start_rows`` (the start of the weights and of the block table) are
+        FedProx's: its term's gradient ``mu (w - start)`` joins each step's.
         """
         names = list(params)
         optimizer = StackedOptimizer(self.spec, [params[n] for n in names] + [table])
@@ -392,7 +414,8 @@ class VectorizedEngine:
         losses = torch.zeros((len(cohort.active), cohort.num_clients), dtype=torch.float32, device=self.device)
         row_start = np.concatenate([cohort.segment[:, 0], cohort.segment[-1:, -1]]) if cohort.num_clients else [0]
         if self.device.type != "cpu":  # one lane: the accelerator batches every client itself
-            self._run_lane(cohort, params, table, optimizer, losses, row_start, 0, cohort.num_clients)
+            self._run_lane(cohort, params, table, optimizer, losses, row_start, 0, cohort.num_clients,
+                           self.forward, anchor, start_rows)
             return self._loss_sums(cohort, losses)
         micro = self.micro_clients
         lanes = [(a, min(a + micro, cohort.num_clients)) for a in range(0, cohort.num_clients, micro)]
@@ -401,11 +424,12 @@ class VectorizedEngine:
             if threads <= 1 or getattr(self._thread_forward, "busy", False):
                 forward = self._forward_here() if getattr(self._thread_forward, "busy", False) else self.forward
                 for a, b in lanes:
-                    self._run_lane(cohort, params, table, optimizer, losses, row_start, a, b, forward)
+                    self._run_lane(cohort, params, table, optimizer, losses, row_start, a, b, forward, anchor,
+                                   start_rows)
             else:  # the lanes with most steps come first, so the threads finish together
                 pool = self._lane_pool(threads)
                 futures = [pool.submit(self._run_lane_on_one_thread, cohort, params, table, optimizer, losses,
-                                       row_start, a, b) for a, b in lanes]
+                                       row_start, a, b, anchor, start_rows) for a, b in lanes]
                 try:
                     for future in futures:
                         future.result()
@@ -428,9 +452,12 @@ class VectorizedEngine:
             self._pool_threads = threads
         return self._pool
 
-    def _run_lane_on_one_thread(self, *args: Any) -> None:
+    def _run_lane_on_one_thread(self, cohort: Cohort, params: Dict[str, Tensor], table: Tensor,
+                                optimizer: StackedOptimizer, losses: Tensor, row_start: Any, first: int, stop: int,
+                                anchor: Optional[Dict[str, Tensor]], start_rows: Optional[Tensor]) -> None:
         torch.set_num_threads(1)  # this thread's kernels (the setting is per thread)
-        self._run_lane(*args, forward=self._forward_here())
+        self._run_lane(cohort, params, table, optimizer, losses, row_start, first, stop, self._forward_here(),
+                       anchor, start_rows)
 
     def _forward_here(self) -> Any:
         """The forward this pool thread uses (its own copy where threads cannot share one)."""
@@ -439,10 +466,11 @@ class VectorizedEngine:
         return self._thread_forward.forward
 
     def _run_lane(self, cohort: Cohort, params: Dict[str, Tensor], table: Tensor, optimizer: StackedOptimizer,
-                  losses: Tensor, row_start: Any, first: int, stop: int, forward: Any = None) -> None:
+                  losses: Tensor, row_start: Any, first: int, stop: int, forward: Any,
+                  anchor: Optional[Dict[str, Tensor]] = None, start_rows: Optional[Tensor] = None) -> None:
         """Every step of clients ``first``..``stop - 1`` (engine order), those still
         training at each step (a prefix: the cohort's clients come most steps first)."""
-        names, tables, forward = list(params), len(self.table_names), forward or self.forward
+        names, tables, mu = list(params), len(self.table_names), self.prox_mu
         for s, active in enumerate(cohort.active):
             b = min(active, stop)
             if b <= first:
@@ -451,11 +479,15 @@ class VectorizedEngine:
             rows = (int(row_start[a]), int(row_start[b]))
             dense, positions, label, weight = cohort.batch(s, a, b)  # positions [k, B, T]
             lookups = table.index_select(0, positions.reshape(-1)).view(b - a, -1, tables, self.dim)
-            step_losses, grads, lookup_grads = forward.step(
-                {n: params[n][a:b] for n in names}, lookups, dense, label, weight)
+            weights = {n: params[n][a:b] for n in names}
+            step_losses, grads, lookup_grads = forward.step(weights, lookups, dense, label, weight)
+            row_term = None
+            if mu:  # FedProx: + mu (w - start), on the MLPs and on every row the clients read
+                grads = {n: grads[n].add(weights[n] - anchor[n], alpha=mu) for n in names}
+                row_term = (table[rows[0]:rows[1]] - start_rows[rows[0]:rows[1]]).mul_(mu)
             optimizer.apply(s + 1, [grads[n] for n in names] + [None], [(a, b)] * len(names) + [rows],
                             row_grads={len(names): (positions.reshape(-1) - rows[0],
-                                                    lookup_grads.reshape(-1, self.dim))})
+                                                    lookup_grads.reshape(-1, self.dim), row_term)})
             losses[s, a:b] = step_losses
 
     def _results(self, cohort: Cohort, params: Dict[str, Tensor], table: Tensor,

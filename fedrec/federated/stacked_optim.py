@@ -105,8 +105,9 @@ class StackedOptimizer:
         """Step ``step`` (1 for a client's first: torch.optim's step count) of some
         clients: ``tensors[i][start:stop]`` for
         ``ranges[i] = (start, stop)`` by ``grads[i]`` (or None: it comes as ``row_grads[i] =
-        (rows, values)``, a row-sparse gradient whose rows count from ``start`` and whose
-        duplicate rows add up, as an embedding's backward adds them). The clients of one
+        (rows, values, dense)``, a row-sparse gradient whose rows count from ``start`` and
+        whose duplicate rows add up, as an embedding's backward adds them, plus ``dense``,
+        a gradient of the whole range, or None). The clients of one
         step may come in several calls (disjoint ranges), from several threads at once:
         each element's maths is its own, and a call touches only its ranges.
         """
@@ -124,12 +125,14 @@ class StackedOptimizer:
             param = tensor[start:stop]
             grad = grads[i]
             if grad is None:
-                rows, values = row_grads[i]
+                rows, values, dense = row_grads[i]
                 if spec.stateless:  # only the rows read move: no dense gradient needed
+                    if dense is not None:
+                        param.add_(dense, alpha=-spec.lr)
                     # (scaled first: index_add_ with an alpha takes a path several times slower)
                     param.index_add_(0, rows, values * -spec.lr)
                     continue
-                grad = torch.zeros_like(param).index_add_(0, rows, values)
+                grad = (torch.zeros_like(param) if dense is None else dense.clone()).index_add_(0, rows, values)
             self._update(param, grad, {k: v[start:stop] for k, v in self.state[i].items()}, step)
 
     def _update(self, param: Tensor, grad: Tensor, state: Dict[str, Tensor], step: int) -> None:
