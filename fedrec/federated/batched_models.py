@@ -180,8 +180,12 @@ class FuncBatched:
 
     def for_another_thread(self) -> "FuncBatched":
         """A copy around a copy of the model: ``functional_call`` swaps the module's
-        parameters in place while it runs, so two threads cannot share one module."""
-        return FuncBatched(copy.deepcopy(self.model), self.table_names)
+        parameters in place while it runs, so two threads cannot share one module. The
+        copy's tables are empty (every call passes the rows it reads in their place)."""
+        parameters = dict(self.model.named_parameters())
+        memo = {id(parameters[name]): nn.Parameter(parameters[name].new_empty((0,) + parameters[name].shape[1:]),
+                                                   requires_grad=False) for name in self.table_names}
+        return FuncBatched(copy.deepcopy(self.model, memo), self.table_names)
 
     def __init__(self, model: nn.Module, table_names: List[str]) -> None:
         from torch.func import functional_call, grad_and_value, vmap
