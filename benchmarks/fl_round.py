@@ -14,8 +14,10 @@ Prints JSON lines:
   Kaggle-sized DLRM (13-512-256-64-16, 512-256-1, 26 hashed tables of 10,000 rows) in
   sparse mode; each with the default 12 reduction blocks and with one (the engine
   batches within a block); ``--threads`` sets both the floor's and the simulations'
-  (``fl.client_threads``) torch threads. Also the achieved GFLOP/s of the matmuls (counted with
-  ``torch.utils.flop_counter``) against this machine's measured single-thread sgemm peak.
+  (``fl.client_threads``) torch threads; ``--device cuda:0`` runs the simulations on a GPU
+  (``train.config.devices``; the floor stays the CPU's, so compare seconds per round with
+  a CPU run of the same settings). Also the achieved GFLOP/s of the matmuls (counted with
+  ``torch.utils.flop_counter``) against this machine's measured sgemm peak at ``--threads``.
 * ``engine_memory`` (``--engine-memory``): peak RSS of one vectorized round (fresh process
   each) at ``fl.vectorize_memory_mb`` 64 / 256 / 1,024, and the chunks the budget made;
   ``budget_mib`` 0 is the sequential engine's round, for comparison.
@@ -118,7 +120,8 @@ def flops_per_sample(sim) -> float:
     return counter.get_total_flops() / len(batch)
 
 
-def engines(workdir: Path, rows: int, rounds: int, settings: list, blocks: list, threads: int) -> None:
+def engines(workdir: Path, rows: int, rounds: int, settings: list, blocks: list, threads: int,
+            device: str = "cpu") -> None:
     import copy
     import shutil
 
@@ -137,6 +140,7 @@ def engines(workdir: Path, rows: int, rounds: int, settings: list, blocks: list,
         base["fl"].update({"num_workers": 1000, "client_num_per_round": 100, "num_rounds": 10_000,
                            "local_epochs": 1, "partitioner": {"name": "dirichlet", "alpha": 0.5},
                            "eval_every_n_rounds": 10_000, **fl_extra})
+        base["train"]["config"]["devices"] = [device]
         for reduce_blocks in blocks:
             sims = {}
             for engine in ("sequential", "vectorized"):
@@ -163,7 +167,9 @@ def engines(workdir: Path, rows: int, rounds: int, settings: list, blocks: list,
             seq_ratios = sorted(q / f for q, f in zip(seconds["sequential"], seconds["floor"]))
             vec_seconds = sum(seconds["vectorized"]) / len(ratios)
             per_round = sum(samples) / len(samples)
-            emit(bench="engines", setting=name, reduce_blocks=reduce_blocks, threads=threads, rounds=len(ratios),
+            emit(bench="engines", setting=name, device=device, reduce_blocks=reduce_blocks, threads=threads,
+                 rounds=len(ratios), seconds_per_round_vectorized=vec_seconds,
+                 seconds_per_round_sequential=sum(seconds["sequential"]) / len(ratios),
                  samples_per_round=per_round,
                  floor_us_per_sample=1e6 * sum(seconds["floor"]) / sum(samples),
                  sequential_us_per_sample=1e6 * sum(seconds["sequential"]) / sum(samples),
@@ -222,6 +228,7 @@ def main() -> None:
     parser.add_argument("--engines", nargs="*", choices=sorted(ENGINE_SETTINGS),
                         help="only the client-engine comparison, for these settings (none named: all)")
     parser.add_argument("--reduce-blocks", type=int, nargs="+", default=[12, 1])
+    parser.add_argument("--device", default="cpu", help="where the simulations train (cpu, cuda:0)")
     parser.add_argument("--engine-memory", action="store_true",
                         help="only the vectorized engine's peak memory at a few fl.vectorize_memory_mb budgets")
     parser.add_argument("--child-engine-memory", nargs=2, metavar=("SETTING", "BUDGET_MB"))
@@ -239,7 +246,7 @@ def main() -> None:
             return
         if args.engines is not None:
             engines(workdir, args.rows, args.rounds, args.engines or list(ENGINE_SETTINGS), args.reduce_blocks,
-                    args.threads)
+                    args.threads, args.device)
             return
         round_ratio(workdir, args.rows, args.rounds, args.threads)
         if not args.skip_scale:
