@@ -141,10 +141,10 @@ def _backward_mlp(plan: List[Tuple[str, str]], params: Dict[str, Tensor], trace:
             grads[f"{name}.weight"] = torch.bmm(grad.transpose(1, 2), x)
             grads[f"{name}.bias"] = grad.sum(dim=1)
             grad = torch.bmm(grad, params[f"{name}.weight"])
-        elif kind == "relu":
-            grad = grad * (y > 0)
+        elif kind == "relu":  # (autograd's own fused kernels: one pass, no mask tensor)
+            grad = torch.ops.aten.threshold_backward(grad, y, 0)
         else:
-            grad = grad * y * (1 - y)
+            grad = torch.ops.aten.sigmoid_backward(grad, y)
     return grad
 
 
