@@ -379,12 +379,21 @@ def test_stateful_algorithms_keep_private_rows_beside_their_state(synthetic_conf
     files = sorted((tmp_path / "client_state").rglob("r*.safetensors"))
     from safetensors import safe_open
 
-    with safe_open(str(files[0]), framework="pt") as handle:
-        keys = set(handle.keys())
-    assert "private/user_embedding.weight" in keys
+    from fedrec.federated.client_state import ClientStateStore
+
     if algo["name"] == "scaffold":  # its control variates cover the item rows, never the user's
+        with safe_open(str(files[0]), framework="pt") as handle:
+            keys = set(handle.keys())
         assert any(k.startswith("item_embedding") for k in keys) and not any(
-            k.startswith("user_") for k in keys)
+            k.startswith(("user_", "private/")) for k in keys)  # the user's rows are in the row slots
+    else:  # FedProx keeps no state of its own: no file, only the row slots
+        assert not files
+    layout = {f"private/{n}": ((1, 8 if "embedding" in n else 1), torch.float32)
+              for n in ("user_embedding.weight", "user_bias.weight")}
+    store = ClientStateStore(tmp_path / "client_state", fixed_rows=layout)
+    written = store.written(np.arange(30))
+    client = int(files[0].parent.name) if files else int(np.flatnonzero(written)[0])
+    assert written[client] and store.get(client, 2)[0]["private/user_embedding.weight"].shape == (1, 8)
 
 
 def test_synth_ratings_cli(tmp_path, capsys):
