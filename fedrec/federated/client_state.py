@@ -144,17 +144,18 @@ class ClientStateStore:
         until the end: nothing in a round reads a version of that round, and a run killed
         before the end resumes from a checkpoint older than the round. An exception
         discards them (the run stops; its resume reruns the round)."""
-        if self.slots is None or self._batch is not None:
+        if self._batch is not None:
             yield
             return
-        ids = np.asarray(list(client_ids), dtype=np.int64)
-        versions, rows = self.slots.get_many(ids, round_idx)
-        files = self.has_files(ids)
-        read = {}
-        for k, client_id in enumerate(ids.tolist()):
-            found = versions[k] >= 0
-            read[client_id] = (int(versions[k]) if found else None,
-                               {key: value[k] for key, value in rows.items()} if found else {}, bool(files[k]))
+        read: Dict[int, Any] = {}
+        if self.slots is not None:  # (without slots nothing is read up front or kept: files as ever)
+            ids = np.asarray(list(client_ids), dtype=np.int64)
+            versions, rows = self.slots.get_many(ids, round_idx)
+            files = self.has_files(ids)
+            for k, client_id in enumerate(ids.tolist()):
+                found = versions[k] >= 0
+                read[client_id] = (int(versions[k]) if found else None,
+                                   {key: value[k] for key, value in rows.items()} if found else {}, bool(files[k]))
         self._batch = {"round": round_idx, "writes": [], "read": read}
         try:
             yield
