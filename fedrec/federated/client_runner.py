@@ -298,8 +298,8 @@ class ClientRunner:
         worker.begin_local_training(context)
         if cid in self._trained:  # trained with its block by the vectorized engine
             return self._load_trained(context, self._trained.pop(cid))
-        optimizer = self._make_optimizer(model=self.model)
-        seed = derive_seed(self.seed, worker.round_idx, cid)
+        optimizer = self._local_optimizer()
+        seed = self._client_seed(worker.round_idx, cid)
         loader = self.trainer.client_loader(self.partition.indices_of(cid), self.fl.local_batch_size, seed=seed)
         if self.attack is not None and self.attack.is_malicious(cid):
             loader = self.attack.poison_data(loader)
@@ -307,6 +307,27 @@ class ClientRunner:
         total = train_locally(self.trainer, loader, optimizer, self.fl, objective=objective)
         context.train_result = total
         return total
+
+    def _local_optimizer(self) -> Any:
+        """A fresh local optimizer, or the last client's where that is the same thing: a
+        torch optimizer that kept no state (plain SGD), has no hooks and whose settings
+        nothing changed. (Building one costs more than a small client's Python overhead.)"""
+        last = self.__dict__.get("_last_optimizer")
+        if (last is not None and not last.state and not last._optimizer_step_pre_hooks
+                and not last._optimizer_step_post_hooks and _same(_group_settings(last), self._optimizer_settings)):
+            return last
+        optimizer = self._make_optimizer(model=self.model)
+        self._last_optimizer = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
+        self._optimizer_settings = _group_settings(optimizer) if self._last_optimizer is not None else None
+        return optimizer
+
+    def _client_seed(self, round_idx: int, cid: int) -> int:
+        """``derive_seed(seed, round, client)``, kept for the client's next ask (its touched
+        rows and its loader both draw from it)."""
+        memo = self.__dict__.get("_seed_memo")
+        if memo is None or memo[0] != (round_idx, cid):
+            memo = self._seed_memo = ((round_idx, cid), derive_seed(self.seed, round_idx, cid))
+        return memo[1]
 
     def _load_trained(self, context: ClientContext, trained: Any) -> LocalTrainResult:
         """Leave the replica as the client's own local training would have."""
@@ -606,7 +627,7 @@ class ClientRunner:
         model: its items and the negatives it draws in round ``round_idx``)."""
         custom = getattr(self.trainer, "client_touched_rows", None)
         if custom is not None:
-            return custom(self.partition.indices_of(cid), derive_seed(self.seed, round_idx, cid))
+            return custom(self.partition.indices_of(cid), self._client_seed(round_idx, cid))
         return self.rows_of_clients([cid])
 
     def rows_of_clients(self, client_ids: Sequence[int], round_idx: int = 0) -> Dict[str, torch.Tensor]:
@@ -619,6 +640,19 @@ class ClientRunner:
         indices = np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
         sparse = np.asarray(self.trainer.dataset.split("train").sparse[indices])
         return touched_rows(self.model, sparse)
+
+
+def _group_settings(optimizer: torch.optim.Optimizer) -> List[Dict[str, Any]]:
+    """An optimizer's settings per parameter group (everything but the parameters)."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def _same(a: Any, b: Any) -> bool:
+    """``a == b``, False where the comparison has no single truth value (tensor settings)."""
+    try:
+        return bool(a == b)
+    except (RuntimeError, ValueError, TypeError):
+        return False
 
 
 def train_locally(trainer: Any, loader: Any, optimizer: Any, fl: FLConfig,

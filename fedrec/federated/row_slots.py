@@ -113,8 +113,8 @@ class RowSlots:
     def _check_header(self, fd: int, path: str) -> None:
         found = os.pread(fd, HEADER_BYTES, 0)
         if found != self.header:
-            described = found.split(b"\0", 1)[0].decode("utf-8", "replace").strip() or "no header"
-            ours = self.header.split(b"\0", 1)[0].decode().strip()
+            described = _described(found) or "no header"
+            ours = _described(self.header)
             raise RowSlotError(f"{path} holds rows of another layout ({described}); this run stores {ours}: "
                                "start it in a fresh logdir")
 
@@ -291,6 +291,13 @@ class RowSlots:
             if FILE_NAME in names:
                 total += os.path.getsize(os.path.join(folder, FILE_NAME))
         return total
+
+
+def _described(header: bytes) -> str:
+    """A header's layout on one line (for errors)."""
+    text = header.split(b"\0", 1)[0]
+    text = text[len(_MAGIC):] if text.startswith(_MAGIC) else text
+    return " ".join(text.decode("utf-8", "replace").split())
 
 
 def _itemsize(dtype: torch.dtype) -> int:

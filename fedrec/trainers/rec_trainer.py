@@ -238,7 +238,10 @@ class RecTrainer(BaseTrainer):
 
     def client_users(self, indices: np.ndarray) -> np.ndarray:
         """The users whose rows these are (one, for a natural split's client)."""
-        return np.unique(np.asarray(self.dataset.split("train").user[np.asarray(indices, np.int64)]))
+        users = np.asarray(self.dataset.split("train").user[np.asarray(indices, np.int64)])
+        if len(users) and users.min() == users.max():  # one user: what unique gives, without its sort
+            return users[:1].copy()
+        return np.unique(users)
 
     # -- steps ---------------------------------------------------------------------------
     def train_step(self, batch: RecBatch, optimizer, objective=None) -> tuple[torch.Tensor, int]:
