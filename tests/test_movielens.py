@@ -111,7 +111,9 @@ def test_leave_one_out_split_by_hand(tmp_path):
     assert got["train"] == [(0, 0, 4.0), (0, 2, 5.0), (1, 4, 3.5), (2, 1, 0.5)]
     assert got["val"] == [(0, 3, 2.5), (1, 0, 1.0), (2, 4, 4.0)]
     assert got["test"] == [(0, 1, 3.0), (1, 2, 4.5), (2, 0, 4.0)]
-    assert meta["splits"] == {"train": 4, "val": 3, "test": 3}
+    assert meta["splits"] == {"train": 4, "val": 3, "test": 3}  # future: the temporal split's only
+    with pytest.raises(DataError, match="has no future split"):
+        data.split("future")
 
 
 def test_implicit_threshold_and_dat_format(tmp_path):
@@ -557,9 +559,12 @@ def test_temporal_split_by_hand(tmp_path, capsys):
     report = meta["report"]
     assert report["users_only_after_cut"] == 1
     assert report["temporal"] == {"cut_timestamp": 32, "users_evaluated": 2, "users_not_evaluated": 1,
-                                  "users_without_val": 1, "later_interactions_unused": 1}  # user 1's 6th
+                                  "users_without_val": 1, "future_interactions": 1}  # user 1's 6th
+    assert list(zip(data.split("future").user.tolist(), data.split("future").item.tolist())) == [(0, 5)]
+    assert data.split("future").timestamp.tolist() == [60] and meta["splits"]["future"] == 1
     text = "\n".join(describe_report(meta))
     assert "temporal cut at 32: 2 users evaluated" in text and "not evaluated (nothing after the cut) 1" in text
+    assert "future 1" in text and "(the future split: not trained on or scored, kept out of sampled negatives) 1" in text
     # a fraction of the interactions: 15 rows, 0.6 -> 9 before the cut, the 10th timestamp (40)
     meta = preprocess_ratings(path, tmp_path / "out2", MovieLensOptions(split="temporal", cut_fraction=0.6))
     assert meta["report"]["temporal"]["cut_timestamp"] == 40
@@ -587,6 +592,16 @@ def test_temporal_split_trains_and_evaluates_federated(synthetic_config, tmp_pat
     t = meta["report"]["temporal"]
     assert meta["splits"]["test"] == t["users_evaluated"] > 0
     assert meta["num_users"] == 30 - meta["report"]["users_only_after_cut"]
+    assert meta["splits"]["future"] == t["future_interactions"] > 0
+    # the future split's items are the user's: never sampled as a negative, in training or evaluation
+    sim = _sim(config, tmp_path / "sim")
+    future = sim.trainer.dataset.split("future")
+    users, items = np.asarray(future.user), np.asarray(future.item)
+    assert sim.trainer.rated.contains(users, items).all()
+    rng = np.random.default_rng(0)
+    drawn = sim.trainer.rated.sample(users, 50, rng)
+    assert not np.isin(users[:, None] * 1000 + drawn, users * 1000 + items).any()
+    sim.close()
     history = run_simulation(config, tmp_path / "run", print_rounds=False)
     assert math.isfinite(history[-1]["hr@10"]) and "hr@10_full" in history[-1]
 

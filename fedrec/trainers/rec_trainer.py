@@ -169,7 +169,9 @@ class RecTrainer(BaseTrainer):
         if len(self.dataset.split("train")) == 0:
             raise DataError(f"the training split of {self.dataset.path} has no rows")
         splits = [self.dataset.split(s) for s in ("train", "val", "test")]
-        self.rated = RatedItems([s.user for s in splits], [s.item for s in splits], self.dataset.num_items)
+        # a temporal split's later interactions are the user's too: never sampled as negatives
+        rated = splits + ([self.dataset.split("future")] if "future" in self.dataset.splits else [])
+        self.rated = RatedItems([s.user for s in rated], [s.item for s in rated], self.dataset.num_items)
         most = int(np.bincount(self.rated.keys // self.dataset.num_items).max())
         if self.dataset.num_items - most < train_config.eval_negatives:
             raise ConfigError(f"train.config.eval_negatives is {train_config.eval_negatives}, but a user of "
