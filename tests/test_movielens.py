@@ -670,3 +670,17 @@ def test_release_freed_memory_gives_heap_pages_back_where_glibc_can():
     del blocks[1:]  # (the first keeps the heap's top in use, so only a trim can return the rest)
     assert release_freed_memory()
     assert rss_mib() < held - 200
+
+
+def test_rows_touched_by_mask_equal_the_sorted_unique():
+    from fedrec.modules.recsys import BiasedMF
+
+    model = BiasedMF(num_users=3, num_items=500, embedding_dim=4)
+    rng = np.random.default_rng(0)
+    for size in (1, 20, 400, 3000):  # below 500 / 32 items: torch.unique; above: the mask
+        items = torch.from_numpy(rng.integers(0, 500, size=(size, 2)))
+        rows = model.rows_touched(items)
+        expected = torch.unique(items.reshape(-1), sorted=True)
+        assert set(rows) == {"item_embedding.weight", "item_bias.weight"}
+        for got in rows.values():
+            assert got.dtype == torch.int64 and torch.equal(got, expected), size
