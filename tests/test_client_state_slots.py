@@ -118,7 +118,9 @@ def test_a_batch_reads_up_front_writes_at_its_end_and_drops_writes_on_error(tmp_
     with store.batch([2, 3], 1):
         assert store.batching and _emb(store, 2, 1) == 1.0 and _emb(store, 3, 1) is None
         store.put(2, 1, _rows(2.0), rest_unchanged=True)
-        store.put(3, 1, _rows(3.0), rest_unchanged=True)
+        reused = _rows(3.0)
+        store.put(3, 1, reused, rest_unchanged=True)
+        reused["private/emb"].fill_(-7.0)  # the caller's tensors are its own again after put
         assert _emb(store, 2, 1) == 1.0  # what the round reads: written before it
         assert store.get_rows(np.array([2, 3]), 2)[0].tolist() == [True, False]  # not written yet
     assert not store.batching and _emb(store, 2, 2) == 2.0 and _emb(store, 3, 2) == 3.0
@@ -172,16 +174,22 @@ def _assert_same(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> None
 
 
 def test_runs_are_bit_identical_to_the_file_per_client_store(ratings_config, tmp_path, monkeypatch):
-    """The reference: the same run with the store the rows had before (a safetensors file
-    per client and round, no batch), then a run split in two and resumed."""
+    """The reference: the same run the way rounds ran before (the rows in a safetensors file
+    per client and round, a new local optimizer per client, touched rows by a sort), then
+    a run split in two and resumed."""
     from fedrec.federated import client_runner
     from fedrec.federated.client_state import STATE_DIR
     from fedrec.federated.run import run_simulation
+    from fedrec.modules.recsys import RecModel
 
     history = run_simulation(copy.deepcopy(ratings_config), tmp_path / "slots", print_rounds=False)
     with monkeypatch.context() as patch:
         patch.setattr(client_runner.ClientRunner, "_state_store", lambda self, logdir: ClientStateStore(
             logdir / STATE_DIR))
+        patch.setattr(client_runner.ClientRunner, "_local_optimizer", lambda self: self._make_optimizer(
+            model=self.model))
+        patch.setattr(RecModel, "rows_touched", lambda self, items: {
+            name: torch.unique(items.reshape(-1), sorted=True) for name in self.item_tables})
         reference = run_simulation(copy.deepcopy(ratings_config), tmp_path / "files", print_rounds=False)
     assert list((tmp_path / "files" / STATE_DIR).rglob("r*.safetensors"))  # the reference did use files
     assert not list((tmp_path / "slots" / STATE_DIR).rglob("r*.safetensors"))

@@ -177,8 +177,8 @@ class ClientStateStore:
         if self.slots is not None and any(k in self.slots.shapes for k in tensors):
             rows = {k: v for k, v in tensors.items() if k in self.slots.shapes}
             tensors = {k: v for k, v in tensors.items() if k not in self.slots.shapes}
-            if self._batch is not None:  # written at the batch's end
-                self._batch["writes"].append((client_id, round_idx, rows, checkpointed_round))
+            if self._batch is not None:  # written at the batch's end (as bytes: the caller may reuse its tensors)
+                self._batch["writes"].append((client_id, round_idx, self.slots.encode(rows), checkpointed_round))
                 written = self.slots.payload
             else:
                 written = self.slots.put(client_id, round_idx, rows, checkpointed_round)

@@ -149,7 +149,7 @@ class RowSlots:
 
     def put(self, client_id: int, round_idx: int, tensors: Mapping[str, Tensor], checkpointed_round: int) -> int:
         """Write the client's rows after round ``round_idx``; returns the bytes written."""
-        payload = self._encode(tensors)
+        payload = self.encode(tensors)
         fd = self._open(client_id // self.shard_size, create=True)
         try:
             base = self._offset(client_id)
@@ -218,14 +218,17 @@ class RowSlots:
         span.reshape(-1)[:len(data)] = np.frombuffer(data, dtype=np.uint8)  # unwritten bytes: zeros
         return span, first
 
-    def put_many(self, entries: Sequence[Tuple[int, int, Mapping[str, Tensor], int]]) -> int:
-        """:meth:`put` of many ``(client id, round, tensors, checkpointed round)``: one open
-        and one read of the tags per shard, then every record's writes (tags zeroed first,
-        rows, new tags). Returns the bytes written."""
+    def put_many(self, entries: Sequence[Tuple[int, int, bytes, int]]) -> int:
+        """:meth:`put` of many ``(client id, round, encoded rows, checkpointed round)``
+        (rows as :meth:`encode` gives them): one open and one read of the tags per shard,
+        then every record's writes (tags zeroed first, rows, new tags). Returns the bytes
+        written."""
         by_shard: Dict[int, List[Tuple[int, int, bytes, int]]] = {}
-        for client_id, round_idx, tensors, checkpointed in entries:
+        for client_id, round_idx, payload, checkpointed in entries:
+            if len(payload) != self.payload:
+                raise ValueError(f"row slots hold {self.payload} bytes a client, got {len(payload)}")
             by_shard.setdefault(int(client_id) // self.shard_size, []).append(
-                (int(client_id), int(round_idx), self._encode(tensors), int(checkpointed)))
+                (int(client_id), int(round_idx), bytes(payload), int(checkpointed)))
         written = 0
         for shard, items in by_shard.items():
             fd = self._open(shard, create=True)
@@ -255,7 +258,8 @@ class RowSlots:
         return self.get_many(client_ids, np.iinfo(np.int64).max)[0] >= 0
 
     # -- bytes ---------------------------------------------------------------------------------
-    def _encode(self, tensors: Mapping[str, Tensor]) -> bytes:
+    def encode(self, tensors: Mapping[str, Tensor]) -> bytes:
+        """A client's rows as one record's bytes (keys in sorted order); checks the layout."""
         if sorted(tensors) != self.keys:
             raise ValueError(f"row slots store exactly {self.keys}, got {sorted(tensors)}")
         parts = []
