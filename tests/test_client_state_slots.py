@@ -124,10 +124,9 @@ def test_a_batch_reads_up_front_writes_at_its_end_and_drops_writes_on_error(tmp_
         assert _emb(store, 2, 1) == 1.0  # what the round reads: written before it
         assert store.get_rows(np.array([2, 3]), 2)[0].tolist() == [True, False]  # not written yet
     assert not store.batching and _emb(store, 2, 2) == 2.0 and _emb(store, 3, 2) == 3.0
-    with pytest.raises(KeyError):
-        with store.batch([2], 2):
-            store.put(2, 2, _rows(9.0), rest_unchanged=True)
-            raise KeyError("a client failed")
+    with pytest.raises(KeyError), store.batch([2], 2):
+        store.put(2, 2, _rows(9.0), rest_unchanged=True)
+        raise KeyError("a client failed")
     assert _emb(store, 2, 3) == 2.0  # the failed job's write was dropped
 
 

@@ -17,7 +17,7 @@ import torch
 from fedrec.data.errors import DataError
 from fedrec.data.movielens import MovieLensOptions, RatingsDataset, preprocess_ratings
 from fedrec.utilities.checkpoint import CheckpointManager
-from fedrec.utilities.config import ConfigError, load_config
+from fedrec.utilities.config import load_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ML_SMALL = PROJECT_ROOT.parent / "shared" / "data" / "movielens" / "ml-latest-small"

@@ -469,24 +469,26 @@ class RatingsDataset:
         return {k: int(v) for k, v in self.metadata["splits"].items()}
 
     def split(self, name: str) -> RatingsSplit:
+        cached = self._splits.get(name)
+        if cached is not None:  # (asked for once or more per client: no checks again)
+            return cached
         if name not in SPLIT_NAMES:
             raise DataError(f"unknown split {name!r}; expected one of {', '.join(SPLIT_NAMES)}")
         if name not in self.splits:  # future: a leave-one-out folder, or one written before it existed
             raise DataError(f"{self.path} has no {name} split (only split: temporal writes one; an older fedrec "
                             f"wrote none); {PREPROCESS_HINT}")
-        if name not in self._splits:
-            columns = {}
-            for column in COLUMNS:
-                file = self.path / name / f"{column}.npy"
-                try:
-                    values = np.load(file, mmap_mode="r")
-                except (FileNotFoundError, ValueError) as err:
-                    raise DataError(f"{file} is missing or unreadable ({err}); {PREPROCESS_HINT}") from None
-                if values.shape != (self.splits[name],) or values.dtype != _DTYPES[column]:
-                    raise DataError(f"{file}: expected {np.dtype(_DTYPES[column])} ({self.splits[name]},), found "
-                                    f"{values.dtype} {values.shape}; {PREPROCESS_HINT}")
-                columns[column] = values
-            self._splits[name] = RatingsSplit(name, columns)
+        columns = {}
+        for column in COLUMNS:
+            file = self.path / name / f"{column}.npy"
+            try:
+                values = np.load(file, mmap_mode="r")
+            except (FileNotFoundError, ValueError) as err:
+                raise DataError(f"{file} is missing or unreadable ({err}); {PREPROCESS_HINT}") from None
+            if values.shape != (self.splits[name],) or values.dtype != _DTYPES[column]:
+                raise DataError(f"{file}: expected {np.dtype(_DTYPES[column])} ({self.splits[name]},), found "
+                                f"{values.dtype} {values.shape}; {PREPROCESS_HINT}")
+            columns[column] = values
+        self._splits[name] = RatingsSplit(name, columns)
         return self._splits[name]
 
     def __repr__(self) -> str:

@@ -299,8 +299,7 @@ class RowSlots:
 
 def _described(header: bytes) -> str:
     """A header's layout on one line (for errors)."""
-    text = header.split(b"\0", 1)[0]
-    text = text[len(_MAGIC):] if text.startswith(_MAGIC) else text
+    text = header.split(b"\0", 1)[0].removeprefix(_MAGIC)
     return " ".join(text.decode("utf-8", "replace").split())
 
 
