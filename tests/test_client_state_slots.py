@@ -207,14 +207,33 @@ def test_runs_are_bit_identical_to_the_file_per_client_store(ratings_config, tmp
     _assert_same(_private_rows(ratings_config, tmp_path / "split", 4), rows)
 
 
-def test_local_and_mpi_runs_write_the_same_rows(ratings_config, tmp_path):
+def test_a_killed_run_resumes_exactly_and_mpi_runs_match(ratings_config, tmp_path):
+    """``kill -9`` in round 3 (its batch of rows never written; round 2's written after the
+    last checkpoint), then ``--resume``: the same rows and model as an uninterrupted run;
+    and the same again under MPI (rank 0 and two processes writing one slot file)."""
     from tests.test_mpi import _mpi_missing, assert_same_run, simulate
 
+    config = copy.deepcopy(ratings_config)
+    once = tmp_path / "killed.txt"
+    config["fl"].update({"backend": "auto", "imports": ["tests.mpi_algorithms"],
+                         "fl_algo": {"name": "test_kill_in_round", "kill_round": 3, "once_file": str(once)}})
+    killed = simulate(config, tmp_path / "killed", check=False)  # checkpoints after rounds 2 and 4
+    assert killed.returncode != 0 and once.exists()
+    from fedrec.utilities.checkpoint import CheckpointManager
+
+    assert CheckpointManager(tmp_path / "killed" / "checkpoints").latest_step() == 2  # rounds 0-1 saved
+    slots = ClientStateStore(tmp_path / "killed" / "client_state", fixed_rows={
+        f"private/{n}": ((1, 8 if "embedding" in n else 1), torch.float32)
+        for n in ("user_embedding.weight", "user_bias.weight")})
+    users = np.arange(40)
+    assert not np.array_equal(slots.get_rows(users, 3)[0], slots.get_rows(users, 2)[0])  # round 2's rows written
+    simulate(config, tmp_path / "killed", resume=True)
+    simulate(config, tmp_path / "whole")  # (the once file exists: nobody is killed)
+    assert_same_run(tmp_path / "whole", tmp_path / "killed")
+    rows = _private_rows(ratings_config, tmp_path / "whole", 4)
+    _assert_same(rows, _private_rows(ratings_config, tmp_path / "killed", 4))
     if _mpi_missing():
         pytest.skip(_mpi_missing())
-    config = copy.deepcopy(ratings_config)
-    config["fl"].update({"backend": "auto", "num_rounds": 3})
-    simulate(config, tmp_path / "local")
-    simulate(config, tmp_path / "mpi", processes=3)  # rank 0 and two processes writing one slot file
-    assert_same_run(tmp_path / "local", tmp_path / "mpi")
-    _assert_same(_private_rows(config, tmp_path / "local", 3), _private_rows(config, tmp_path / "mpi", 3))
+    simulate(config, tmp_path / "mpi", processes=3)
+    assert_same_run(tmp_path / "whole", tmp_path / "mpi")
+    _assert_same(rows, _private_rows(ratings_config, tmp_path / "mpi", 4))
