@@ -17,7 +17,7 @@ import torch
 from fedrec.data.errors import DataError
 from fedrec.data.movielens import MovieLensOptions, RatingsDataset, preprocess_ratings
 from fedrec.utilities.checkpoint import CheckpointManager
-from fedrec.utilities.config import ConfigError, load_config
+from fedrec.utilities.config import load_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ML_SMALL = PROJECT_ROOT.parent / "shared" / "data" / "movielens" / "ml-latest-small"
@@ -111,7 +111,9 @@ def test_leave_one_out_split_by_hand(tmp_path):
     assert got["train"] == [(0, 0, 4.0), (0, 2, 5.0), (1, 4, 3.5), (2, 1, 0.5)]
     assert got["val"] == [(0, 3, 2.5), (1, 0, 1.0), (2, 4, 4.0)]
     assert got["test"] == [(0, 1, 3.0), (1, 2, 4.5), (2, 0, 4.0)]
-    assert meta["splits"] == {"train": 4, "val": 3, "test": 3}
+    assert meta["splits"] == {"train": 4, "val": 3, "test": 3}  # future: the temporal split's only
+    with pytest.raises(DataError, match="has no future split"):
+        data.split("future")
 
 
 def test_implicit_threshold_and_dat_format(tmp_path):
@@ -379,12 +381,21 @@ def test_stateful_algorithms_keep_private_rows_beside_their_state(synthetic_conf
     files = sorted((tmp_path / "client_state").rglob("r*.safetensors"))
     from safetensors import safe_open
 
-    with safe_open(str(files[0]), framework="pt") as handle:
-        keys = set(handle.keys())
-    assert "private/user_embedding.weight" in keys
+    from fedrec.federated.client_state import ClientStateStore
+
     if algo["name"] == "scaffold":  # its control variates cover the item rows, never the user's
+        with safe_open(str(files[0]), framework="pt") as handle:
+            keys = set(handle.keys())
         assert any(k.startswith("item_embedding") for k in keys) and not any(
-            k.startswith("user_") for k in keys)
+            k.startswith(("user_", "private/")) for k in keys)  # the user's rows are in the row slots
+    else:  # FedProx keeps no state of its own: no file, only the row slots
+        assert not files
+    layout = {f"private/{n}": ((1, 8 if "embedding" in n else 1), torch.float32)
+              for n in ("user_embedding.weight", "user_bias.weight")}
+    store = ClientStateStore(tmp_path / "client_state", fixed_rows=layout)
+    written = store.written(np.arange(30))
+    client = int(files[0].parent.name) if files else int(np.flatnonzero(written)[0])
+    assert written[client] and store.get(client, 2)[0]["private/user_embedding.weight"].shape == (1, 8)
 
 
 def test_synth_ratings_cli(tmp_path, capsys):
@@ -548,9 +559,12 @@ def test_temporal_split_by_hand(tmp_path, capsys):
     report = meta["report"]
     assert report["users_only_after_cut"] == 1
     assert report["temporal"] == {"cut_timestamp": 32, "users_evaluated": 2, "users_not_evaluated": 1,
-                                  "users_without_val": 1, "later_interactions_unused": 1}  # user 1's 6th
+                                  "users_without_val": 1, "future_interactions": 1}  # user 1's 6th
+    assert list(zip(data.split("future").user.tolist(), data.split("future").item.tolist())) == [(0, 5)]
+    assert data.split("future").timestamp.tolist() == [60] and meta["splits"]["future"] == 1
     text = "\n".join(describe_report(meta))
     assert "temporal cut at 32: 2 users evaluated" in text and "not evaluated (nothing after the cut) 1" in text
+    assert "future 1" in text and "(the future split: not trained on or scored, kept out of sampled negatives) 1" in text
     # a fraction of the interactions: 15 rows, 0.6 -> 9 before the cut, the 10th timestamp (40)
     meta = preprocess_ratings(path, tmp_path / "out2", MovieLensOptions(split="temporal", cut_fraction=0.6))
     assert meta["report"]["temporal"]["cut_timestamp"] == 40
@@ -578,6 +592,16 @@ def test_temporal_split_trains_and_evaluates_federated(synthetic_config, tmp_pat
     t = meta["report"]["temporal"]
     assert meta["splits"]["test"] == t["users_evaluated"] > 0
     assert meta["num_users"] == 30 - meta["report"]["users_only_after_cut"]
+    assert meta["splits"]["future"] == t["future_interactions"] > 0
+    # the future split's items are the user's: never sampled as a negative, in training or evaluation
+    sim = _sim(config, tmp_path / "sim")
+    future = sim.trainer.dataset.split("future")
+    users, items = np.asarray(future.user), np.asarray(future.item)
+    assert sim.trainer.rated.contains(users, items).all()
+    rng = np.random.default_rng(0)
+    drawn = sim.trainer.rated.sample(users, 50, rng)
+    assert not np.isin(users[:, None] * 1000 + drawn, users * 1000 + items).any()
+    sim.close()
     history = run_simulation(config, tmp_path / "run", print_rounds=False)
     assert math.isfinite(history[-1]["hr@10"]) and "hr@10_full" in history[-1]
 
@@ -646,3 +670,17 @@ def test_release_freed_memory_gives_heap_pages_back_where_glibc_can():
     del blocks[1:]  # (the first keeps the heap's top in use, so only a trim can return the rest)
     assert release_freed_memory()
     assert rss_mib() < held - 200
+
+
+def test_rows_touched_by_mask_equal_the_sorted_unique():
+    from fedrec.modules.recsys import BiasedMF
+
+    model = BiasedMF(num_users=3, num_items=500, embedding_dim=4)
+    rng = np.random.default_rng(0)
+    for size in (1, 20, 400, 3000):  # below 500 / 32 items: torch.unique; above: the mask
+        items = torch.from_numpy(rng.integers(0, 500, size=(size, 2)))
+        rows = model.rows_touched(items)
+        expected = torch.unique(items.reshape(-1), sorted=True)
+        assert set(rows) == {"item_embedding.weight", "item_bias.weight"}
+        for got in rows.values():
+            assert got.dtype == torch.int64 and torch.equal(got, expected), size

@@ -16,7 +16,9 @@ ids 0..U-1), ``item.npy`` (int64, 0..I-1), ``label.npy`` (float32: the rating in
 mode, 1 in implicit mode) and ``timestamp.npy`` (int64); ``user_ids.npy`` and
 ``item_ids.npy`` map the contiguous ids back to MovieLens's. The split is leave-one-out per
 user: the last interaction by time (ties: the later line) is the test item, the one before
-it the validation item, the rest train.
+it the validation item, the rest train. ``split: temporal`` cuts the timeline once instead
+(see :func:`temporal_split`), and its ``future/`` holds each user's later interactions
+past its val and test items.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ from fedrec.data.output import WRITTEN_BY, check_output, clean_leftovers, commit
 
 FORMAT = "movielens"
 FORMAT_VERSION = 1
-SPLIT_NAMES = ("train", "val", "test")
+#: ``future``: the temporal split's later interactions past each user's val and test items
+#: (written by the temporal split only)
+SPLIT_NAMES = ("train", "val", "test", "future")
 COLUMNS = ("user", "item", "label", "timestamp")
 _DTYPES = {"user": np.int64, "item": np.int64, "label": np.float32, "timestamp": np.int64}
 PREPROCESS_HINT = "run `fedrec preprocess --config <config>` (it writes model.preproc.output_file)"
@@ -258,7 +262,8 @@ def temporal_split(user: np.ndarray, timestamp: np.ndarray, line: np.ndarray,
                    cut: int) -> Tuple[np.ndarray, np.ndarray]:
     """(order, split code): rows sorted by (user, time, line); before ``cut`` is train (0);
     of a user's later rows the first is val (1) and the second test (2), or the only one
-    test; the rest are 3 (not used, counted)."""
+    test; the rest are 3 (the ``future`` split: neither trained on nor scored, but known to
+    be the user's, so that sampled negatives avoid them)."""
     order = np.lexsort((line, timestamp, user))
     u, later = user[order], timestamp[order] >= cut
     code = np.zeros(len(u), dtype=np.int8)
@@ -339,7 +344,7 @@ def _preprocess(source: Path, output: Path, options: MovieLensOptions) -> Dict[s
         report["temporal"] = {"cut_timestamp": cut, "users_evaluated": int(evaluated.sum()),
                               "users_not_evaluated": int((~evaluated).sum()),
                               "users_without_val": int(evaluated.sum() - (code == 1).sum()),
-                              "later_interactions_unused": int((code == 3).sum())}
+                              "future_interactions": int((code == 3).sum())}
     else:
         order, code = leave_one_out(user, data["timestamp"], data["line"])
     label = (data["rating"] if options.feedback == "explicit" else np.ones(len(user), np.float32))
@@ -350,7 +355,7 @@ def _preprocess(source: Path, output: Path, options: MovieLensOptions) -> Dict[s
     try:
         tmp.mkdir(parents=True)
         splits = {}
-        for k, name in enumerate(SPLIT_NAMES):
+        for k, name in enumerate(SPLIT_NAMES if options.split == "temporal" else SPLIT_NAMES[:3]):
             rows = order[code == k]
             (tmp / name).mkdir()
             for column, values in columns.items():
@@ -400,8 +405,9 @@ def describe_report(metadata: Dict[str, Any]) -> List[str]:
         lines.append(f"temporal cut at {t['cut_timestamp']}: {t['users_evaluated']:,} users evaluated "
                      f"({t['users_without_val']:,} of them with a test item but no validation item); "
                      f"not evaluated (nothing after the cut) {t['users_not_evaluated']:,}; dropped (nothing "
-                     f"before the cut) {r['users_only_after_cut']:,}; later interactions unused "
-                     f"{t['later_interactions_unused']:,}")
+                     f"before the cut) {r['users_only_after_cut']:,}; later interactions past a user's val and "
+                     f"test (the future split: not trained on or scored, kept out of sampled negatives) "
+                     f"{t['future_interactions']:,}")
     for key, example in r.get("examples", {}).items():
         lines.append(f"  first of {key}: {example}")
     return lines
@@ -463,21 +469,26 @@ class RatingsDataset:
         return {k: int(v) for k, v in self.metadata["splits"].items()}
 
     def split(self, name: str) -> RatingsSplit:
+        cached = self._splits.get(name)
+        if cached is not None:  # (asked for once or more per client: no checks again)
+            return cached
         if name not in SPLIT_NAMES:
             raise DataError(f"unknown split {name!r}; expected one of {', '.join(SPLIT_NAMES)}")
-        if name not in self._splits:
-            columns = {}
-            for column in COLUMNS:
-                file = self.path / name / f"{column}.npy"
-                try:
-                    values = np.load(file, mmap_mode="r")
-                except (FileNotFoundError, ValueError) as err:
-                    raise DataError(f"{file} is missing or unreadable ({err}); {PREPROCESS_HINT}") from None
-                if values.shape != (self.splits[name],) or values.dtype != _DTYPES[column]:
-                    raise DataError(f"{file}: expected {np.dtype(_DTYPES[column])} ({self.splits[name]},), found "
-                                    f"{values.dtype} {values.shape}; {PREPROCESS_HINT}")
-                columns[column] = values
-            self._splits[name] = RatingsSplit(name, columns)
+        if name not in self.splits:  # future: a leave-one-out folder, or one written before it existed
+            raise DataError(f"{self.path} has no {name} split (only split: temporal writes one; an older fedrec "
+                            f"wrote none); {PREPROCESS_HINT}")
+        columns = {}
+        for column in COLUMNS:
+            file = self.path / name / f"{column}.npy"
+            try:
+                values = np.load(file, mmap_mode="r")
+            except (FileNotFoundError, ValueError) as err:
+                raise DataError(f"{file} is missing or unreadable ({err}); {PREPROCESS_HINT}") from None
+            if values.shape != (self.splits[name],) or values.dtype != _DTYPES[column]:
+                raise DataError(f"{file}: expected {np.dtype(_DTYPES[column])} ({self.splits[name]},), found "
+                                f"{values.dtype} {values.shape}; {PREPROCESS_HINT}")
+            columns[column] = values
+        self._splits[name] = RatingsSplit(name, columns)
         return self._splits[name]
 
     def __repr__(self) -> str:

@@ -180,7 +180,7 @@ class ClientRunner:
         from fedrec.federated.attacks import build_attack
 
         self.attack = build_attack(fl.attack, fl.num_workers, fl.seed)
-        self.store = ClientStateStore(Path(logdir) / STATE_DIR) if logdir is not None else None
+        self.store = self._state_store(Path(logdir)) if logdir is not None else None
         self._make_optimizer = registry.prepare("optimizer", fl.optimizer_config)
         try:  # bad local optimizer values (lr < 0, ...) fail here, not in the first client
             self._make_optimizer(model=self.model)
@@ -213,7 +213,14 @@ class ClientRunner:
     def attach_logdir(self, logdir: Path) -> None:
         """Where the run's files go (a runner built to check a config has none yet)."""
         self.logdir = Path(logdir)
-        self.store = ClientStateStore(self.logdir / STATE_DIR)
+        self.store = self._state_store(self.logdir)
+
+    def _state_store(self, logdir: Path) -> ClientStateStore:
+        """The run's client state store; a user's private rows (one per client: the
+        natural split) in its fixed-size row slots."""
+        rows = {f"{PRIVATE_PREFIX}{name}": ((1, int(self.replica[name].shape[1])), self.replica[name].dtype)
+                for name in self.private_names}
+        return ClientStateStore(logdir / STATE_DIR, fixed_rows=rows or None)
 
     def _check_private(self) -> None:
         """Private user embeddings need one user per client: the natural split, every user."""
@@ -291,8 +298,8 @@ class ClientRunner:
         worker.begin_local_training(context)
         if cid in self._trained:  # trained with its block by the vectorized engine
             return self._load_trained(context, self._trained.pop(cid))
-        optimizer = self._make_optimizer(model=self.model)
-        seed = derive_seed(self.seed, worker.round_idx, cid)
+        optimizer = self._local_optimizer()
+        seed = self._client_seed(worker.round_idx, cid)
         loader = self.trainer.client_loader(self.partition.indices_of(cid), self.fl.local_batch_size, seed=seed)
         if self.attack is not None and self.attack.is_malicious(cid):
             loader = self.attack.poison_data(loader)
@@ -300,6 +307,27 @@ class ClientRunner:
         total = train_locally(self.trainer, loader, optimizer, self.fl, objective=objective)
         context.train_result = total
         return total
+
+    def _local_optimizer(self) -> Any:
+        """A fresh local optimizer, or the last client's where that is the same thing: a
+        torch optimizer that kept no state (plain SGD), has no hooks and whose settings
+        nothing changed. (Building one costs more than a small client's Python overhead.)"""
+        last = self.__dict__.get("_last_optimizer")
+        if (last is not None and not last.state and not last._optimizer_step_pre_hooks
+                and not last._optimizer_step_post_hooks and _same(_group_settings(last), self._optimizer_settings)):
+            return last
+        optimizer = self._make_optimizer(model=self.model)
+        self._last_optimizer = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
+        self._optimizer_settings = _group_settings(optimizer) if self._last_optimizer is not None else None
+        return optimizer
+
+    def _client_seed(self, round_idx: int, cid: int) -> int:
+        """``derive_seed(seed, round, client)``, kept for the client's next ask (its touched
+        rows and its loader both draw from it)."""
+        memo = self.__dict__.get("_seed_memo")
+        if memo is None or memo[0] != (round_idx, cid):
+            memo = self._seed_memo = ((round_idx, cid), derive_seed(self.seed, round_idx, cid))
+        return memo[1]
 
     def _load_trained(self, context: ClientContext, trained: Any) -> LocalTrainResult:
         """Leave the replica as the client's own local training would have."""
@@ -317,6 +345,10 @@ class ClientRunner:
     # -- running a job ------------------------------------------------------------------
     def run_job(self, job: RoundJob) -> JobResult:
         """Run every client of ``job``; sum each block's updates in client-id order."""
+        if self.private_names and self.store is not None and not self.store.batching:
+            # the clients' private rows read up front and written at the end, one pass per shard
+            with self.store.batch([c for _, block in job.blocks for c in block], job.round_idx):
+                return self.run_job(job)
         result = JobResult()
         # peers (PeerStarts) each start from their own model: the engine batches clients
         # that share one start, so they train one after another
@@ -454,7 +486,8 @@ class ClientRunner:
         tensors = dict(context.new_state if context.new_state is not None else context.state)
         tensors.update(self._private_state(context))
         self.store.put(context.client_id, context.round.round_idx, tensors, worker.extra,
-                       context.round.checkpointed_round)
+                       context.round.checkpointed_round,
+                       rest_unchanged=context.new_state is None and worker.extra == context.extra)
 
     # -- download and sparse rows ---------------------------------------------------------
     def _download(self, global_state: Mapping[str, torch.Tensor], touched: Mapping[str, torch.Tensor]) -> None:
@@ -557,14 +590,26 @@ class ClientRunner:
                                 before_round: int) -> Tuple[Dict[str, torch.Tensor], np.ndarray]:
         """:meth:`private_rows` and, per user, whether its rows came from the store (False:
         never selected, so the seeded start; FedRecon-style evaluation re-fits those).
-        Only users with a folder in the store are read (one listing per 1,000 users)."""
+        The row slots are read once per 1,000 users, files only for users with a folder
+        (stateful algorithms), seeded starts drawn only for the users found in neither."""
         users = np.asarray(users, np.int64)
-        out = {name: self.model.initial_rows(name, torch.from_numpy(users), self.seed)
-               .to(self.replica[name].dtype) for name in self.private_names}
         stored = np.zeros(len(users), dtype=bool)
+        found, rows = (self.store.get_rows(users, before_round) if self.store is not None and len(users)
+                       else (stored.copy(), {}))
+        stored |= found
+        out = {}
+        for name in self.private_names:
+            table = self.replica[name]
+            values = rows.get(f"{PRIVATE_PREFIX}{name}")
+            values = (values[:, 0].to(table.dtype) if values is not None
+                      else torch.empty(len(users), table.shape[1], dtype=table.dtype))
+            if not found.all():
+                start = self.model.initial_rows(name, torch.from_numpy(users[~found]), self.seed)
+                values[torch.from_numpy(np.flatnonzero(~found))] = start.to(table.dtype)
+            out[name] = values
         if self.store is None or not len(users):
             return out, stored
-        for k in np.flatnonzero(self.store.written(users)).tolist():
+        for k in np.flatnonzero(self.store.has_files(users)).tolist():  # files: stateful algorithms
             state = self.store.get(int(users[k]), before_round)[0]
             for name in self.private_names:
                 values = state.get(f"{PRIVATE_PREFIX}{name}")
@@ -586,7 +631,7 @@ class ClientRunner:
         model: its items and the negatives it draws in round ``round_idx``)."""
         custom = getattr(self.trainer, "client_touched_rows", None)
         if custom is not None:
-            return custom(self.partition.indices_of(cid), derive_seed(self.seed, round_idx, cid))
+            return custom(self.partition.indices_of(cid), self._client_seed(round_idx, cid))
         return self.rows_of_clients([cid])
 
     def rows_of_clients(self, client_ids: Sequence[int], round_idx: int = 0) -> Dict[str, torch.Tensor]:
@@ -599,6 +644,19 @@ class ClientRunner:
         indices = np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
         sparse = np.asarray(self.trainer.dataset.split("train").sparse[indices])
         return touched_rows(self.model, sparse)
+
+
+def _group_settings(optimizer: torch.optim.Optimizer) -> List[Dict[str, Any]]:
+    """An optimizer's settings per parameter group (everything but the parameters)."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def _same(a: Any, b: Any) -> bool:
+    """``a == b``, False where the comparison has no single truth value (tensor settings)."""
+    try:
+        return bool(a == b)
+    except (RuntimeError, ValueError, TypeError):
+        return False
 
 
 def train_locally(trainer: Any, loader: Any, optimizer: Any, fl: FLConfig,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Literal, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -80,8 +81,16 @@ class RecModel(nn.Module):
         return [(name, k) for k, name in enumerate(self.item_tables)]
 
     def rows_touched(self, items: Tensor) -> Dict[str, Tensor]:
-        """Sorted unique rows of every item table that ``items`` (any shape) read."""
-        rows = torch.unique(items.reshape(-1).to(torch.int64), sorted=True)
+        """Sorted unique rows of every item table that ``items`` (any shape) read: marked
+        in a mask over the items where that is cheaper than sorting them (a client's
+        items and negatives against a few thousand items), else ``torch.unique``."""
+        flat = items.reshape(-1)
+        if flat.device.type == "cpu" and self.num_items <= 32 * flat.numel():
+            mask = np.zeros(self.num_items, dtype=bool)
+            mask[flat.numpy()] = True
+            rows = torch.from_numpy(np.flatnonzero(mask).astype(np.int64, copy=False))
+        else:
+            rows = torch.unique(flat.to(torch.int64), sorted=True)
         return {name: rows for name in self.item_tables}
 
     def initial_rows(self, name: str, ids: Tensor, seed: int) -> Tensor:

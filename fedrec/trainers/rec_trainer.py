@@ -169,7 +169,9 @@ class RecTrainer(BaseTrainer):
         if len(self.dataset.split("train")) == 0:
             raise DataError(f"the training split of {self.dataset.path} has no rows")
         splits = [self.dataset.split(s) for s in ("train", "val", "test")]
-        self.rated = RatedItems([s.user for s in splits], [s.item for s in splits], self.dataset.num_items)
+        # a temporal split's later interactions are the user's too: never sampled as negatives
+        rated = splits + ([self.dataset.split("future")] if "future" in self.dataset.splits else [])
+        self.rated = RatedItems([s.user for s in rated], [s.item for s in rated], self.dataset.num_items)
         most = int(np.bincount(self.rated.keys // self.dataset.num_items).max())
         if self.dataset.num_items - most < train_config.eval_negatives:
             raise ConfigError(f"train.config.eval_negatives is {train_config.eval_negatives}, but a user of "
@@ -238,7 +240,10 @@ class RecTrainer(BaseTrainer):
 
     def client_users(self, indices: np.ndarray) -> np.ndarray:
         """The users whose rows these are (one, for a natural split's client)."""
-        return np.unique(np.asarray(self.dataset.split("train").user[np.asarray(indices, np.int64)]))
+        users = np.asarray(self.dataset.split("train").user[np.asarray(indices, np.int64)])
+        if len(users) and users.min() == users.max():  # one user: what unique gives, without its sort
+            return users[:1].copy()
+        return np.unique(users)
 
     # -- steps ---------------------------------------------------------------------------
     def train_step(self, batch: RecBatch, optimizer, objective=None) -> tuple[torch.Tensor, int]:
