@@ -155,3 +155,32 @@ def test_mpi_processes_exchange_boundary_models_and_give_the_local_result(config
     assert local.keys() == mpi.keys() and all(torch.equal(local[k], mpi[k]) for k in local)
     # each process wrote only its own peers' models, all under the run folder
     assert len(list((tmp_path / "mpi" / "peer_models").rglob("r000001.safetensors"))) == 16
+
+
+FAILING_PEER = '''
+from fedrec.federated.gossip import GossipWorker
+from fedrec.utilities import registry
+
+
+@registry.load("fl_algo", "test_failing_peer")
+class FailingPeer(GossipWorker):
+    def client_update(self, context):
+        if self.worker_index == 5:
+            raise RuntimeError("disk full")
+        return super().client_update(context)
+'''
+
+
+@needs_mpi
+def test_a_peer_failing_on_one_process_stops_every_process_with_its_error(config, tmp_path):
+    """The failing group still exchanges (its error instead of models): nothing hangs or
+    is left pending, and the error names the rank, the group, the round and the peer."""
+    module = tmp_path / "failing_peer.py"
+    module.write_text(FAILING_PEER)
+    config = graph(config, kind="ring")
+    config["fl"].update({"fl_algo": {"name": "test_failing_peer"}, "imports": [str(module)], "num_rounds": 1,
+                         "backend": "mpi"})
+    result = simulate(config, tmp_path / "run", processes=3, check=False)
+    assert result.returncode != 0
+    assert "peer group 0, round 0: ClientError: round 0, client 5: RuntimeError: disk full" in result.stderr
+    assert "Assertion failed" not in result.stderr

@@ -12,9 +12,11 @@ process which group it runs (a few bytes), then each group
    order of sends can deadlock) and receives the same from them;
 3. mixes its peers (``finish_round``) and returns its per-block sums, stats and bytes.
 
-A group that fails tells the others (``TAG_ABORT``), which stop instead of waiting for its
-models; every wait polls with short sleeps, like rank 0's, so that waiting processes leave
-the CPU to the working ones. Under ``mpiexec ... -m mpi4py.futures`` the processes are
+A group whose training fails still takes part in the exchange, sending its error instead
+of models, so that no message is left pending (MPI would then fail at exit); the groups it
+reaches stop after the exchange, and rank 0 reports the first error. (A group that cannot
+even be built tells every other group, ``TAG_ABORT``.) Every wait polls with short sleeps,
+like rank 0's, so that waiting processes leave the CPU to the working ones. Under ``mpiexec ... -m mpi4py.futures`` the processes are
 ``COMM_WORLD``'s ranks 1..K-1; spawned ones (``fl.backend: mpi`` in a plain run) have
 their own ``COMM_WORLD``.
 """
@@ -106,20 +108,35 @@ def run_group(task: GroupTask) -> Packed:
         rank_of = _handshake(comm, ranks, rank, task)
         try:
             group = _group(task)
+        except Exception as err:  # nothing sent yet: tell the others to stop waiting for this group
+            requests = [comm.isend((task.round_idx, _describe(err)), dest=other_rank, tag=TAG_ABORT)
+                        for other, other_rank in rank_of.items() if other != task.part]
+            MPI_waitall(requests)
+            raise MPIProcessError(f"rank {rank}, peer group {task.part}: {_describe(err)}") from None
+        failure = None
+        try:
             group.begin_round(task.round_idx, task.checkpointed_round)
-            incoming = _exchange(comm, rank_of, group, task)
+        except Exception as err:  # still exchanged (an empty message), so that nothing is left pending
+            failure = err
+        incoming = _exchange(comm, rank_of, group, task, failure)
+        try:
             result = group.finish_round(incoming)
-        except _Aborted:
-            raise
         except Exception as err:
-            for other, other_rank in rank_of.items():
-                if other != task.part:
-                    comm.isend((task.round_idx, f"{type(err).__name__}: {err}"), dest=other_rank, tag=TAG_ABORT)
             raise MPIProcessError(f"rank {rank}, peer group {task.part}, round {task.round_idx}: "
-                                  f"{type(err).__name__}: {err}") from None
+                                  f"{_describe(err)}") from None
         return pack(result)
     finally:
         marker.unlink(missing_ok=True)
+
+
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"
+
+
+def MPI_waitall(requests: List[Any]) -> None:
+    from mpi4py import MPI
+
+    MPI.Request.Waitall(requests)
 
 
 class _Aborted(MPIProcessError):
@@ -171,20 +188,31 @@ def _handshake(comm: Any, ranks: Sequence[int], rank: int, task: GroupTask) -> D
     return rank_of
 
 
-def _exchange(comm: Any, rank_of: Dict[int, int], group: PeerGroup, task: GroupTask) -> Dict[int, Any]:
-    """Send this group's boundary models to the groups that need them, receive theirs."""
+def _exchange(comm: Any, rank_of: Dict[int, int], group: PeerGroup, task: GroupTask,
+              failure: Optional[BaseException]) -> Dict[int, Any]:
+    """Send this group's boundary models to the groups that need them, receive theirs.
+
+    Every pair of groups that share a link exchanges exactly one message each way, even
+    when a group failed to train (it then sends its error instead of models), so that no
+    message is left unreceived; after the exchange a failure stops every group it reached.
+    """
     from mpi4py import MPI
 
     requests, buffers = [], []
+    rank = comm.Get_rank()
     for dst in sorted(group.sends):
+        dest = rank_of[dst]
+        if failure is not None:
+            requests.append(comm.isend((task.round_idx, None, _describe(failure), 0), dest=dest, tag=TAG_MODELS))
+            continue
         packed = pack(group.outgoing(dst))  # one flat buffer; the loaded models are freed here
         buffers.append(packed)
-        dest = rank_of[dst]
         requests.append(comm.isend((task.round_idx, packed.header, packed.specs, int(packed.data.nbytes)),
                                    dest=dest, tag=TAG_MODELS))
         for start in range(0, packed.data.nbytes, mpi_backend._CHUNK):
             requests.append(comm.Isend(packed.data[start:start + mpi_backend._CHUNK], dest=dest, tag=TAG_MODELS + 1))
     incoming: Dict[int, Any] = {}
+    failed: List[str] = []
     for src in sorted(group.receives):
         source = rank_of[src]
         header = _poll(comm, lambda: comm.recv(source=source, tag=TAG_MODELS)
@@ -193,11 +221,18 @@ def _exchange(comm: Any, rank_of: Dict[int, int], group: PeerGroup, task: GroupT
         if sent_round != task.round_idx:
             raise MPIProcessError(f"peer group {task.part}: group {src} sent models of round {sent_round} "
                                   f"during round {task.round_idx}")
+        if pickled is None:
+            failed.append(f"rank {source} (peer group {src}) failed: {specs}")
+            continue
         data = np.empty(nbytes, dtype=np.uint8)
         for start in range(0, nbytes, mpi_backend._CHUNK):
             comm.Recv(data[start:start + mpi_backend._CHUNK], source=source, tag=TAG_MODELS + 1)
         incoming.update(unpack(Packed(pickled, specs, data)))
     _poll(comm, lambda: True if MPI.Request.Testall(requests) else None, "the delivery of this group's models", task)
     del buffers
+    if failure is not None:
+        raise MPIProcessError(f"rank {rank}, peer group {task.part}, round {task.round_idx}: "
+                              f"{_describe(failure)}") from None
+    if failed:
+        raise _Aborted(f"peer group {task.part} stopped: {failed[0]}")
     return incoming
-
