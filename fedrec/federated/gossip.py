@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
 from fedrec.federated.client_runner import PEER, ClientStats, PeerStarts, RoundJob
@@ -130,9 +131,23 @@ def add_delta(model: Dict[str, torch.Tensor], update: Any) -> None:
 
 class PeerModelStore(ClientStateStore):
     """The client-state store, writing the caller's tensors as they are: a peer's model is
-    written once and never changed after (the base class copies, for callers that do)."""
+    written once and never changed after (the base class copies, for callers that do).
+
+    A model is read whole (the file's bytes, parsed by ``safetensors.torch.load``), not
+    tensor by tensor through ``safe_open``: safetensors 0.8's ``get_tensor`` keeps about 56
+    bytes per call, and a round reads each peer's model about five times, so 10,000 peers
+    of 34 tensors leaked about 100 MB a round (``benchmarks/fl_topology.py --memory``).
+    """
 
     copy_tensors = False
+
+    def get(self, client_id: int, round_idx: int) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+        """The peer's newest model written before round ``round_idx`` (no extras)."""
+        older = [path for version, path in self._versions(client_id) if version < round_idx]
+        if not older:
+            return {}, {}
+        with open(older[-1], "rb") as handle:
+            return load_safetensors(handle.read()), {}
 
 
 class _Suspend:
