@@ -56,15 +56,29 @@ def test_ring_blocks_cut_two_links_per_process_and_balance_peers():
     assert cut_fraction(g, round_robin(1000, 2)) == 1.0
 
 
-def test_bandwidth_order_cuts_fewer_links_of_a_random_graph_than_id_blocks_or_round_robin():
+def test_spectral_order_cuts_fewer_links_of_a_random_graph_than_rcm_id_blocks_or_round_robin():
     g = make_graph(GraphTopology(kind="k_regular", degree=4, seed=3), 600)
     order = peer_order(g, "k_regular")
     assert sorted(order.tolist()) == list(range(600))
-    placed = place(order, 12, 2).part_of
-    naive = place(np.arange(600), 12, 2).part_of
-    assert cut_fraction(g, placed) < 0.75 * cut_fraction(g, naive)
-    assert cut_fraction(g, placed) < 0.75 * cut_fraction(g, round_robin(600, 2))
-    assert interprocess_models(g, placed) < interprocess_models(g, naive)
+    assert np.array_equal(order, peer_order(g, "k_regular", "spectral"))  # the same bits every time
+    for processes in (2, 4):
+        placed = place(order, 12, processes).part_of
+        for naive in (place(np.arange(600), 12, processes).part_of, round_robin(600, processes),
+                      place(peer_order(g, "k_regular", "rcm"), 12, processes).part_of):
+            assert cut_fraction(g, placed) < 0.7 * cut_fraction(g, naive)
+            assert interprocess_models(g, placed) < interprocess_models(g, naive)
+
+
+def test_the_order_is_kept_in_the_run_folder_for_its_graph(tmp_path, monkeypatch):
+    import fedrec.federated.placement as placement
+
+    g = make_graph(GraphTopology(kind="erdos_renyi", seed=1), 200)
+    first = placement.stored_order(tmp_path, g, "erdos_renyi", "auto")
+    monkeypatch.setattr(placement, "peer_order", lambda *a: pytest.fail("the stored order was not reused"))
+    assert np.array_equal(placement.stored_order(tmp_path, g, "erdos_renyi", "auto"), first)
+    other = make_graph(GraphTopology(kind="erdos_renyi", seed=2), 200)
+    monkeypatch.setattr(placement, "peer_order", lambda *a: np.arange(200))
+    assert np.array_equal(placement.stored_order(tmp_path, other, "erdos_renyi", "auto"), np.arange(200))
 
 
 def test_blocks_do_not_depend_on_the_number_of_processes():

@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from fedrec.federated.client_runner import PEER, ClientStats, PeerStarts, RoundJob
 from fedrec.federated.client_state import ClientStateStore
 from fedrec.federated.context import RoundContext
-from fedrec.federated.placement import Placement, cut_fraction, interprocess_models, peer_order, place, send_lists
+from fedrec.federated.placement import Placement, cut_fraction, interprocess_models, place, send_lists, stored_order
 from fedrec.federated.topology import GraphTopology, check_worker_roles
 from fedrec.federated.update import weighted_model_sum
 from fedrec.federated_worker import FederatedWorker, InvalidStateError, Neighbour, NeighbourTable
@@ -459,7 +459,8 @@ class GossipNetwork:
 
     def __init__(self, sim: Any, topology: GraphTopology) -> None:
         self.sim, self.topology, self.graph = sim, topology, topology.graph
-        self.order = peer_order(self.graph, topology.kind, topology.placement)
+        # computed once per run and kept in the logdir: every MPI process reads the same order
+        self.order = stored_order(sim.logdir, self.graph, topology.kind, topology.placement)
         self.models = PeerModelStore(sim.logdir / "peer_models")
         self.sent = PeerModelStore(sim.logdir / "peer_sent")
         # every peer starts from the same model (rebuilt identically on resume); MPI processes read it

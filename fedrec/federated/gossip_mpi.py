@@ -75,7 +75,7 @@ def _group(task: GroupTask) -> PeerGroup:
     """This process's group ``task.part`` (built once per process and part)."""
     from safetensors.torch import load_file
 
-    from fedrec.federated.placement import peer_order, place
+    from fedrec.federated.placement import ORDER_FILE, graph_digest, place, read_order
     from fedrec.federated.topology import build_topology
 
     key = (task.part, task.parts, task.logdir)
@@ -86,8 +86,10 @@ def _group(task: GroupTask) -> PeerGroup:
             raise MPIProcessError("MPI process was not initialised")
         _GROUPS.clear()  # one group per process: the pool gives a task to each process once per round
         topology = build_topology(runner.fl)
-        placement = place(peer_order(topology.graph, topology.kind, topology.placement), runner.fl.reduce_blocks,
-                          task.parts)
+        order = read_order(Path(task.logdir) / ORDER_FILE, graph_digest(topology.graph, topology.placement))
+        if order is None:
+            raise MPIProcessError(f"{Path(task.logdir) / ORDER_FILE} is missing or was made for another graph")
+        placement = place(order, runner.fl.reduce_blocks, task.parts)
         initial = {k: v.clone() for k, v in load_file(str(initial_path(Path(task.logdir)))).items()}
         group = _GROUPS[key] = PeerGroup(runner, topology, placement, task.part, Path(task.logdir), initial,
                                          runner.fl.client_threads)
