@@ -27,8 +27,8 @@ Inter-process traffic (``--interprocess N``): ring and random 4-regular graphs o
 over 2, 3, 4 and 8 MPI processes: the fraction of links cut and the peer models (and MiB
 of the memory benchmark's model) that cross processes per round, for the placement
 (``fedrec.federated.placement``) against id blocks and round robin. ``--mpi K`` also runs
-16 peers of the test model under ``mpiexec`` (K processes, one round, both placements) and
-prints the ``bytes_interprocess`` that the run's metrics recorded.
+1,000 peers of the memory benchmark's model under ``mpiexec`` (K processes, one round, both
+placements) and prints the ``bytes_interprocess`` that the run's metrics recorded.
 """
 
 from __future__ import annotations
@@ -92,6 +92,14 @@ def _rss_mib() -> float:
     return float("nan")
 
 
+def small_model(config: Dict[str, Any]) -> Dict[str, Any]:
+    """The memory benchmark's DLRM: 26 tables of 100 rows, dimension 4 (64 KiB)."""
+    config["model"]["arch_feature_emb_size"] = 4
+    config["model"]["arch_mlp_bot"] = [13, 16, 4]
+    config["model"]["arch_mlp_top"] = [16, 1]
+    return config
+
+
 def memory_run(peers: int, workdir: Path, rows: int, reader: str) -> None:
     import tracemalloc
 
@@ -101,10 +109,7 @@ def memory_run(peers: int, workdir: Path, rows: int, reader: str) -> None:
 
     if reader == "safe_open":
         PeerModelStore.get = ClientStateStore.get  # type: ignore[method-assign]
-    config = make_data(workdir / "data-memory", rows, max_ind_range=100)
-    config["model"]["arch_feature_emb_size"] = 4
-    config["model"]["arch_mlp_bot"] = [13, 16, 4]
-    config["model"]["arch_mlp_top"] = [16, 1]
+    config = small_model(make_data(workdir / "data-memory", rows, max_ind_range=100))
     config["fl"].update({"num_workers": peers, "client_num_per_round": peers, "num_rounds": 2,
                          "partitioner": {"name": "iid"}, "local_epochs": None, "local_steps": 1,
                          "local_batch_size": 16, "eval_every_n_rounds": 1000, "progress_bar": False,
@@ -168,19 +173,22 @@ def interprocess(peers: int) -> None:
             emit(**row)
 
 
+MPI_PEERS = 1000
+
+
 def mpi_check(processes: int, workdir: Path) -> None:
-    """A real run under mpiexec: 16 peers, one round, both placements."""
+    """A real run under mpiexec: 1,000 peers of the small model, one round, both placements."""
     import yaml
 
     from fedrec.federated.mpi_backend import _mpiexec_on_path
     from fedrec.utilities.logger import read_metrics
 
-    config = make_data(workdir / "data-mpi", 20_000, max_ind_range=100)
+    config = small_model(make_data(workdir / "data-memory", 200_000, max_ind_range=100))
     _mpiexec_on_path()
     for kind in ("ring", "k_regular"):
         for placement in ("auto", "identity"):
             run = copy.deepcopy(config)
-            run["fl"].update({"num_workers": 16, "client_num_per_round": 16, "num_rounds": 1, "local_epochs": None,
+            run["fl"].update({"num_workers": MPI_PEERS, "client_num_per_round": MPI_PEERS, "partitioner": {"name": "iid"}, "num_rounds": 1, "local_epochs": None,
                               "local_steps": 1, "backend": "mpi", "fl_algo": {"name": "gossip"},
                               "topology": {"name": "graph", "kind": kind, "degree": 4, "placement": placement}})
             logdir = workdir / f"mpi-{kind}-{placement}-{processes}"
@@ -191,7 +199,7 @@ def mpi_check(processes: int, workdir: Path) -> None:
                             "fedrec.cli", "simulate", "--config", str(path), "--logdir", str(logdir)],
                            check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
             row = [r for r in read_metrics(logdir / "metrics.jsonl") if r.get("phase") == "fl"][-1]
-            emit(bench="fl_topology_mpi", graph=kind, placement=placement, processes=processes,
+            emit(bench="fl_topology_mpi", graph=kind, placement=placement, processes=processes, peers=MPI_PEERS,
                  bytes_interprocess=row["bytes_interprocess"], bytes_up=row["bytes_up"],
                  round_seconds=row["round_seconds"])
 
