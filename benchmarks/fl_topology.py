@@ -188,7 +188,8 @@ def mpi_check(processes: int, workdir: Path) -> None:
     for kind in ("ring", "k_regular"):
         for placement in ("auto", "identity"):
             run = copy.deepcopy(config)
-            run["fl"].update({"num_workers": MPI_PEERS, "client_num_per_round": MPI_PEERS, "partitioner": {"name": "iid"}, "num_rounds": 1, "local_epochs": None,
+            run["fl"].update({"num_workers": MPI_PEERS, "client_num_per_round": MPI_PEERS,
+                              "partitioner": {"name": "iid"}, "num_rounds": 1, "local_epochs": None,
                               "local_steps": 1, "backend": "mpi", "fl_algo": {"name": "gossip"},
                               "topology": {"name": "graph", "kind": kind, "degree": 4, "placement": placement}})
             logdir = workdir / f"mpi-{kind}-{placement}-{processes}"

@@ -17,8 +17,7 @@ from test_fl_simulation import run, without_timings
 from test_mpi import final_weights, fl_rows, needs_mpi, simulate
 
 from fedrec.federated.gossip import GossipNetwork
-from fedrec.federated.placement import (cut_fraction, interprocess_models, peer_order, place, round_robin,
-                                        send_lists)
+from fedrec.federated.placement import cut_fraction, interprocess_models, peer_order, place, round_robin, send_lists
 from fedrec.federated.topology import GraphTopology, make_graph
 
 
@@ -70,7 +69,7 @@ def test_spectral_order_cuts_fewer_links_of_a_random_graph_than_rcm_id_blocks_or
 
 
 def test_the_order_is_kept_in_the_run_folder_for_its_graph(tmp_path, monkeypatch):
-    import fedrec.federated.placement as placement
+    from fedrec.federated import placement
 
     g = make_graph(GraphTopology(kind="erdos_renyi", seed=1), 200)
     first = placement.stored_order(tmp_path, g, "erdos_renyi", "auto")

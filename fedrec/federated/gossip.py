@@ -11,15 +11,18 @@ aggregator role), with Metropolis-Hastings weights ``w_ij = 1 / (1 + max(d_i, d_
 * ``dpsgd`` (Lian et al. 2017): ``x_i <- sum_j w_ij x_j + (y_i - x_i)``: the neighbours'
   models from before the round, plus the peer's own local progress.
 
-``GossipNetwork`` is the peers' runtime, and it stands where the star's aggregator stands
-in the round loop. Peers' ``run()`` coroutines are driven in supersteps: every peer's
-``train()`` is collected and run, then every peer's request for models is served, one
-peer at a time, so that only one neighbourhood of models is in memory at once. The
-models themselves live on disk, in two versioned client-state stores under the logdir
-(``peer_models``: each peer's model after mixing; ``peer_sent``: after training), read
-through safetensors' memory map: 10,000 peers cost memory in proportion to the graph's
-edges, not 10,000 models. The evaluated global model is the peers' mean; the metric
-``consensus_distance`` is ``sqrt(mean_i ||x_i - mean||^2)``.
+``GossipNetwork`` stands where the star's aggregator stands in the round loop. It places
+the peers in groups, one per process (``fedrec.federated.placement``), and each group
+(``PeerGroup``, the peers' runtime) drives its peers' ``run()`` coroutines in supersteps:
+every peer's ``train()`` is collected and run, the groups exchange their boundary peers'
+models (under MPI, between the processes: ``fedrec.federated.gossip_mpi``), then every
+request for models is served, one peer at a time, so that only one neighbourhood of models
+is in memory at once. The models live on disk, in two versioned client-state stores under
+the logdir (``peer_models``: each peer's model after mixing; ``peer_sent``: after
+training), written by the process that owns the peer: 10,000 peers cost memory in
+proportion to the graph's edges, not 10,000 models. The evaluated global model is the
+peers' mean; the metric ``consensus_distance`` is ``sqrt(mean_i ||x_i - mean||^2)``; both
+are summed per fixed reduction block, so their bits do not depend on the processes.
 """
 
 from __future__ import annotations

@@ -16,9 +16,9 @@ A group whose training fails still takes part in the exchange, sending its error
 of models, so that no message is left pending (MPI would then fail at exit); the groups it
 reaches stop after the exchange, and rank 0 reports the first error. (A group that cannot
 even be built tells every other group, ``TAG_ABORT``.) Every wait polls with short sleeps,
-like rank 0's, so that waiting processes leave the CPU to the working ones. Under ``mpiexec ... -m mpi4py.futures`` the processes are
-``COMM_WORLD``'s ranks 1..K-1; spawned ones (``fl.backend: mpi`` in a plain run) have
-their own ``COMM_WORLD``.
+like rank 0's, so that waiting processes leave the CPU to the working ones. Under
+``mpiexec ... -m mpi4py.futures`` the processes are ``COMM_WORLD``'s ranks 1..K-1; spawned
+ones (``fl.backend: mpi`` in a plain run) have their own ``COMM_WORLD``.
 """
 
 from __future__ import annotations
@@ -217,7 +217,7 @@ def _exchange(comm: Any, rank_of: Dict[int, int], group: PeerGroup, task: GroupT
     failed: List[str] = []
     for src in sorted(group.receives):
         source = rank_of[src]
-        header = _poll(comm, lambda: comm.recv(source=source, tag=TAG_MODELS)
+        header = _poll(comm, lambda source=source: comm.recv(source=source, tag=TAG_MODELS)
                        if comm.Iprobe(source=source, tag=TAG_MODELS) else None, f"group {src}'s models", task)
         sent_round, pickled, specs, nbytes = header
         if sent_round != task.round_idx:

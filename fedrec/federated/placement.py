@@ -23,10 +23,10 @@ boundary only for an edge between two processes. So the peers are placed to cut 
    in block order, so they are the same bits for any number of processes;
 3. each process takes a contiguous run of blocks, balanced by peer count (within one block).
 
-The order is computed once, on rank 0, and kept in the run folder (``peer_order.npy``):
+The order is computed once, on rank 0, and kept in the run folder (``peer_order.npz``):
 every MPI process reads the same order, and a resumed run keeps it. ``placement: identity``
-keeps the id order (the naive placement of id blocks), for comparison; :func:`cut_fraction` and :func:`interprocess_models` measure any assignment,
-including a round-robin one.
+keeps the id order (the naive placement of id blocks), for comparison; :func:`cut_fraction`
+and :func:`interprocess_models` measure any assignment, including a round-robin one.
 """
 
 from __future__ import annotations
