@@ -18,8 +18,9 @@ worker in every round each link's load is the same every round, so these are exa
 Memory (``--memory``): gossip on a random 4-regular graph of N peers, a small DLRM (26
 hashed tables of 100 rows, dimension 4), 2 rounds of one local step each, each N in a fresh
 process: the RSS before the simulation is built, once built, once the peers are built
-(``peers_python_kib``: their Python objects, traced), after each round, the peak before the
-final evaluation and the peak overall; the graph's arrays and the peers' models on disk.
+(``peers_python_kib``: their Python objects, traced), after each round (each saves a
+checkpoint, as a run does), the peak through round 1 (before the final evaluation) and the
+peak overall; the graph's arrays and the peers' models on disk.
 ``--reader safe_open`` reads the peer stores through safetensors' ``safe_open`` as before
 (it keeps ~56 bytes per tensor read: the per-round growth it caused).
 
@@ -128,12 +129,13 @@ def memory_run(peers: int, workdir: Path, rows: int, reader: str) -> None:
     peers_python = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
     rss_peers = _rss_mib()
-    history, after = [], []
+    history, after, peaks = [], [], []
     try:
-        for _ in range(2):  # the second (last) round ends with the evaluation
-            peak_before = peak_rss_mib()
+        for _ in range(2):  # as Simulation.run, a checkpoint a round; the last round ends with the evaluation
             history.append(sim.run_round())
+            sim.save_checkpoint()
             after.append(_rss_mib())
+            peaks.append(peak_rss_mib())
     finally:
         sim.close()
     graph = network.graph
@@ -142,8 +144,8 @@ def memory_run(peers: int, workdir: Path, rows: int, reader: str) -> None:
     emit(bench="fl_topology_memory", peers=peers, reader=reader, model_kib=model_bytes / 1024,
          graph_links=graph.num_edges, graph_kib=graph.nbytes() / 1024, rss_before_mib=before,
          rss_built_mib=rss_built, rss_peers_built_mib=rss_peers, peers_python_kib=peers_python / 1024,
-         rss_after_round1_mib=after[0], rss_after_round2_mib=after[1], peak_rss_before_eval_mib=peak_before,
-         peak_rss_mib=peak_rss_mib(), models_on_disk_mib=on_disk / 2**20,
+         rss_after_round1_mib=after[0], rss_after_round2_mib=after[1], peak_rss_round1_mib=peaks[0],
+         peak_rss_mib=peaks[1], models_on_disk_mib=on_disk / 2**20,
          models_in_ram_if_held_mib=peers * model_bytes / 2**20, build_seconds=built,
          seconds_per_round=sum(r["round_seconds"] for r in history) / len(history),
          consensus_distance=history[-1]["consensus_distance"])

@@ -43,6 +43,7 @@ TAG_ABORT = 7313  # this group failed: stop waiting for it
 HANDSHAKE_SECONDS = 300.0  # how long a group waits for the others to start
 
 _GROUPS: Dict[Tuple[int, int, str], PeerGroup] = {}
+_RUNS: Dict[str, Tuple[Any, Any, Dict[str, Any]]] = {}  # logdir -> (topology, order, first model)
 
 
 @dataclasses.dataclass
@@ -72,7 +73,9 @@ def _world() -> Tuple[Any, List[int]]:
 
 
 def _group(task: GroupTask) -> PeerGroup:
-    """This process's group ``task.part`` (built once per process and part)."""
+    """This process's group ``task.part``. ``mpi4py.futures`` may give a process another
+    group in a later round: the graph, the order and the first model are kept per run, the
+    group's peers are rebuilt (their state is in the stores)."""
     from safetensors.torch import load_file
 
     from fedrec.federated.placement import ORDER_FILE, graph_digest, place, read_order
@@ -80,19 +83,25 @@ def _group(task: GroupTask) -> PeerGroup:
 
     key = (task.part, task.parts, task.logdir)
     group = _GROUPS.get(key)
-    if group is None:
-        runner = mpi_backend._RUNNER
-        if runner is None:
-            raise MPIProcessError("MPI process was not initialised")
-        _GROUPS.clear()  # one group per process: the pool gives a task to each process once per round
+    if group is not None:
+        return group
+    runner = mpi_backend._RUNNER
+    if runner is None:
+        raise MPIProcessError("MPI process was not initialised")
+    run = _RUNS.get(task.logdir)
+    if run is None:
         topology = build_topology(runner.fl)
-        order = read_order(Path(task.logdir) / ORDER_FILE, graph_digest(topology.graph, topology.placement))
+        logdir = Path(task.logdir)
+        order = read_order(logdir / ORDER_FILE, graph_digest(topology.graph, topology.placement))
         if order is None:
-            raise MPIProcessError(f"{Path(task.logdir) / ORDER_FILE} is missing or was made for another graph")
-        placement = place(order, runner.fl.reduce_blocks, task.parts)
-        initial = {k: v.clone() for k, v in load_file(str(initial_path(Path(task.logdir)))).items()}
-        group = _GROUPS[key] = PeerGroup(runner, topology, placement, task.part, Path(task.logdir), initial,
-                                         runner.fl.client_threads)
+            raise MPIProcessError(f"{logdir / ORDER_FILE} is missing or was made for another graph")
+        initial = {k: v.clone() for k, v in load_file(str(initial_path(logdir))).items()}
+        _RUNS.clear()
+        run = _RUNS[task.logdir] = (topology, order, initial)
+    topology, order, initial = run
+    _GROUPS.clear()  # one group per process and round
+    group = _GROUPS[key] = PeerGroup(runner, topology, place(order, runner.fl.reduce_blocks, task.parts), task.part,
+                                     Path(task.logdir), initial, runner.fl.client_threads)
     return group
 
 
