@@ -144,23 +144,29 @@ def test_resume_with_another_number_of_groups_is_exact(config, tmp_path, parts):
 
 # -- under MPI ---------------------------------------------------------------------------------------
 @needs_mpi
-@pytest.mark.parametrize("algo, topology, processes", [("gossip", {"kind": "ring"}, 2),
-                                                       ("dpsgd", {"kind": "k_regular", "degree": 4}, 3)])
+@pytest.mark.parametrize("algo, topology, processes", [("gossip", {"kind": "ring"}, [2]),
+                                                       ("dpsgd", {"kind": "k_regular", "degree": 4}, [2, 3])])
 def test_mpi_processes_exchange_boundary_models_and_give_the_local_result(config, tmp_path, algo, topology,
                                                                          processes):
+    """Two rounds on MPI (``processes``: per round; [2, 3] resumes round 2 on 3 processes)."""
     from fedrec.federated.run import run_simulation
 
     config = graph(config, algo, **topology)
     run_simulation(config, tmp_path / "local", print_rounds=False)  # one group, in this process
     config["fl"]["backend"] = "mpi"
-    simulate(config, tmp_path / "mpi", processes=processes + 1)  # rank 0 and one process per group
+    if len(processes) == 1:
+        simulate(config, tmp_path / "mpi", processes=processes[0] + 1)  # rank 0 and one process per group
+    else:
+        simulate({**config, "fl": {**config["fl"], "num_rounds": 1}}, tmp_path / "mpi", processes=processes[0] + 1)
+        simulate(config, tmp_path / "mpi", processes=processes[1] + 1, resume=True)
     rows = fl_rows(tmp_path / "mpi")
     g = make_graph(GraphTopology(**topology), 16)
-    models = interprocess_models(g, place(peer_order(g, topology["kind"]), 12, processes).part_of)
     size = sum(int(v.numel()) for v in final_weights(tmp_path / "mpi").values()) * 4
-    assert all(r["bytes_interprocess"] == models * size for r in rows) and models > 0
-    if topology["kind"] == "ring":  # 2 arcs of 8 peers: each end's peer goes to the other process
-        assert models == 4
+    for row, count in zip(rows, processes * 2):
+        models = interprocess_models(g, place(peer_order(g, topology["kind"]), 12, count).part_of)
+        assert models > 0 and row["bytes_interprocess"] == models * size
+        if topology["kind"] == "ring":  # 2 arcs of 8 peers: each end's peer goes to the other process
+            assert models == 4
     assert all(r["bytes_interprocess"] == 0 for r in fl_rows(tmp_path / "local"))
     strip = (lambda logdir: [{k: v for k, v in r.items() if k != "bytes_interprocess"} for r in fl_rows(logdir)])
     assert strip(tmp_path / "mpi") == strip(tmp_path / "local")
