@@ -144,8 +144,11 @@ def test_resume_with_another_number_of_groups_is_exact(config, tmp_path, parts):
 
 # -- under MPI ---------------------------------------------------------------------------------------
 @needs_mpi
-@pytest.mark.parametrize("algo, topology, processes", [("gossip", {"kind": "ring"}, [2]),
-                                                       ("dpsgd", {"kind": "k_regular", "degree": 4}, [2, 3])])
+@pytest.mark.parametrize("algo, topology, processes", [
+    # slow: test_groups_give_the_one_group_result_bit_for_bit covers gossip's exchange, and
+    # the D-PSGD case the MPI transport
+    pytest.param("gossip", {"kind": "ring"}, [2], marks=pytest.mark.slow),
+    ("dpsgd", {"kind": "k_regular", "degree": 4}, [2, 3])])
 def test_mpi_processes_exchange_boundary_models_and_give_the_local_result(config, tmp_path, algo, topology,
                                                                          processes):
     """Two rounds on MPI (``processes``: per round; [2, 3] resumes round 2 on 3 processes)."""
