@@ -294,8 +294,11 @@ class PeerGroup:
         blocks = [self._blocks[b] for b in sorted(self._blocks)]
         keys = np.fromiter(self._link_bytes.keys(), np.int64, len(self._link_bytes))
         values = np.fromiter(self._link_bytes.values(), np.int64, len(self._link_bytes))
-        return PartResult(sorted(self._stats, key=lambda s: s.client_id), blocks, self._node_bytes, keys, values,
-                          self.bytes_interprocess)
+        result = PartResult(sorted(self._stats, key=lambda s: s.client_id), blocks, self._node_bytes, keys, values,
+                            self.bytes_interprocess)
+        # the block sums (float64 models) leave with the result, not kept until the next round
+        self._blocks, self._stats, self._link_bytes = {}, [], {}
+        return result
 
     def _step(self, i: int, value: Any) -> None:
         try:
