@@ -11,33 +11,42 @@ aggregator role), with Metropolis-Hastings weights ``w_ij = 1 / (1 + max(d_i, d_
 * ``dpsgd`` (Lian et al. 2017): ``x_i <- sum_j w_ij x_j + (y_i - x_i)``: the neighbours'
   models from before the round, plus the peer's own local progress.
 
-``GossipNetwork`` is the peers' runtime, and it stands where the star's aggregator stands
-in the round loop. Peers' ``run()`` coroutines are driven in supersteps: every peer's
-``train()`` is collected and run, then every peer's request for models is served, one
-peer at a time, so that only one neighbourhood of models is in memory at once. The
-models themselves live on disk, in two versioned client-state stores under the logdir
-(``peer_models``: each peer's model after mixing; ``peer_sent``: after training), read
-through safetensors' memory map: 10,000 peers cost memory in proportion to the graph's
-edges, not 10,000 models. The evaluated global model is the peers' mean; the metric
-``consensus_distance`` is ``sqrt(mean_i ||x_i - mean||^2)``.
+``GossipNetwork`` stands where the star's aggregator stands in the round loop. It places
+the peers in groups, one per process (``fedrec.federated.placement``), and each group
+(``PeerGroup``, the peers' runtime) drives its peers' ``run()`` coroutines in supersteps:
+every peer's ``train()`` is collected and run, the groups exchange their boundary peers'
+models (under MPI, between the processes: ``fedrec.federated.gossip_mpi``), then every
+request for models is served, one peer at a time, so that only one neighbourhood of models
+is in memory at once. The models live on disk, in two versioned client-state stores under
+the logdir (``peer_models``: each peer's model after mixing; ``peer_sent``: after
+training), written by the process that owns the peer: 10,000 peers cost memory in
+proportion to the graph's edges, not 10,000 models. The evaluated global model is the
+peers' mean; the metric ``consensus_distance`` is ``sqrt(mean_i ||x_i - mean||^2)``; both
+are summed per fixed reduction block, so their bits do not depend on the processes.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence
+import dataclasses
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
-from fedrec.federated.client_runner import PEER, PeerStarts
+from fedrec.federated.client_runner import PEER, ClientStats, PeerStarts, RoundJob
 from fedrec.federated.client_state import ClientStateStore
 from fedrec.federated.context import RoundContext
+from fedrec.federated.placement import Placement, cut_fraction, interprocess_models, place, send_lists, stored_order
 from fedrec.federated.topology import GraphTopology, check_worker_roles
 from fedrec.federated.update import weighted_model_sum
 from fedrec.federated_worker import FederatedWorker, InvalidStateError, Neighbour, NeighbourTable
 from fedrec.trainers.base_trainer import LocalTrainResult
 from fedrec.utilities import registry
 from fedrec.utilities.config import ConfigError
+from fedrec.utilities.threads import torch_threads
 
 
 @registry.load("fl_algo", "gossip")
@@ -125,13 +134,27 @@ def add_delta(model: Dict[str, torch.Tensor], update: Any) -> None:
 
 class PeerModelStore(ClientStateStore):
     """The client-state store, writing the caller's tensors as they are: a peer's model is
-    written once and never changed after (the base class copies, for callers that do)."""
+    written once and never changed after (the base class copies, for callers that do).
+
+    A model is read whole (the file's bytes, parsed by ``safetensors.torch.load``), not
+    tensor by tensor through ``safe_open``: safetensors 0.8's ``get_tensor`` keeps about 56
+    bytes per call, and a round reads each peer's model about five times, so 10,000 peers
+    of 34 tensors leaked about 100 MB a round (``benchmarks/fl_topology.py --memory``).
+    """
 
     copy_tensors = False
 
+    def get(self, client_id: int, round_idx: int) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+        """The peer's newest model written before round ``round_idx`` (no extras)."""
+        older = [path for version, path in self._versions(client_id) if version < round_idx]
+        if not older:
+            return {}, {}
+        with open(older[-1], "rb") as handle:
+            return load_safetensors(handle.read()), {}
+
 
 class _Suspend:
-    """What a peer's coroutine yields to the network's scheduler (a barrier)."""
+    """What a peer's coroutine yields to its group's scheduler (a barrier)."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
@@ -140,21 +163,28 @@ class _Suspend:
         return (yield self)
 
 
-def build_peers(runner: Any, topology: GraphTopology, runtime: Any) -> List[FederatedWorker]:
-    """One worker per graph node, roles trainer and aggregator, neighbours from the graph."""
+def build_peers(runner: Any, topology: GraphTopology, runtime: Any,
+                ids: Optional[Sequence[int]] = None) -> List[FederatedWorker]:
+    """One worker per graph node (``ids``: only those), roles trainer and aggregator,
+    neighbours from the graph. On an undirected graph a peer's in- and out-neighbours are
+    the same workers, and share one table."""
     fl = runner.fl
     sizes = np.asarray(runner.partition.sizes, dtype=np.int64)
     graph = topology.graph
-    outgoing = graph.out_lists() if topology.directed else graph
+    outgoing = graph.out_lists() if topology.directed else None
     peers = []
-    for i in range(graph.n):
-        ins, outs = graph.in_neighbours(i), outgoing.in_neighbours(i)
+    for i in (range(graph.n) if ids is None else [int(x) for x in ids]):
+        ins = graph.in_neighbours(i)
+        in_table = NeighbourTable(ins, sizes[ins])
+        if outgoing is None:
+            out_table = in_table
+        else:
+            outs = outgoing.in_neighbours(i)
+            out_table = NeighbourTable(outs, sizes[outs])
         try:
-            peer = runner.algorithm(worker_index=i, roles=["trainer", "aggregator"],
-                                    in_neighbours=NeighbourTable(ins, sizes[ins]),
-                                    out_neighbours=NeighbourTable(outs, sizes[outs]), runtime=runtime,
-                                    sample_num=int(sizes[i]), client_num_per_round=fl.client_num_per_round,
-                                    **runner.algorithm_kwargs)
+            peer = runner.algorithm(worker_index=i, roles=["trainer", "aggregator"], in_neighbours=in_table,
+                                    out_neighbours=out_table, runtime=runtime, sample_num=int(sizes[i]),
+                                    client_num_per_round=fl.client_num_per_round, **runner.algorithm_kwargs)
         except (ValueError, TypeError) as err:
             raise ConfigError(f"fl.fl_algo {fl.fl_algo.get('name')!r}: {err}") from None
         peer.role = "aggregator"
@@ -163,92 +193,161 @@ def build_peers(runner: Any, topology: GraphTopology, runtime: Any) -> List[Fede
     return peers
 
 
-class GossipNetwork:
-    """The peers' runtime (``Runtime``) and the round loop's driver of a decentralized round."""
+@dataclasses.dataclass
+class BlockSum:
+    """One reduction block's share of the peers' mean and consensus distance."""
 
-    #: peers trained per backend call: their start models are in memory together
+    block: int
+    sums: Dict[str, torch.Tensor]  # float64: sum of the block's mixed models
+    squares: float  # sum of their squared norms
+    peers: int
+
+
+@dataclasses.dataclass
+class PartResult:
+    """What one process's peers report for a round: rank 0 reduces these."""
+
+    stats: List[ClientStats]
+    blocks: List[BlockSum]
+    node_bytes: np.ndarray  # int64 [n]: what each worker sent and received, as this part's peers asked
+    link_keys: np.ndarray  # int64: link (a, b), a < b, as a * n + b
+    link_bytes: np.ndarray  # int64, per link key
+    bytes_interprocess: int  # peer models this part sent to other processes
+
+
+class PeerGroup:
+    """The peers one process owns (on the local backend: every peer): their runtime.
+
+    A round runs in two halves around the exchange with the other processes:
+    ``begin_round`` drives the peers' ``run()`` until every peer has trained and waits for
+    models; then the models of this group's boundary peers go to the groups that hold
+    their out-neighbours (``outgoing``), and the models of other groups' peers that this
+    group's peers may ask for come in; ``finish_round`` serves the requests and mixes.
+    The group's own peers' models never leave its stores (files under the logdir).
+    """
+
+    #: peers trained per call of the client runner: their start models are in memory together
     train_chunk = 16
 
-    def __init__(self, sim: Any, topology: GraphTopology) -> None:
-        self.sim, self.topology, self.graph = sim, topology, topology.graph
-        self.seed, self.sampler, self.per_row_embeddings = sim.seed, sim.sampler, sim.per_row_embeddings
-        self.peers = build_peers(sim.runner, topology, self)
+    def __init__(self, runner: Any, topology: GraphTopology, placement: Placement, part: int, logdir: Path,
+                 initial: Dict[str, torch.Tensor], threads: int) -> None:
+        self.runner, self.topology, self.graph = runner, topology, topology.graph
+        self.placement, self.part, self.threads = placement, part, threads
+        self.seed, self.sampler, self.per_row_embeddings = runner.fl.seed, runner.sampler, runner.per_row_embeddings
+        self.own = placement.peers_of(part)
+        self.rank_in_order = np.empty(self.graph.n, np.int64)  # peer -> position in the placement order
+        self.rank_in_order[placement.order] = np.arange(self.graph.n, dtype=np.int64)
+        self.peers = {p.worker_index: p for p in build_peers(runner, topology, self, ids=self.own)}
         self.degrees = self.graph.in_degrees()
-        self.models = PeerModelStore(sim.logdir / "peer_models")
-        self.sent = PeerModelStore(sim.logdir / "peer_sent")
-        # every peer starts from the same model (rebuilt identically on resume)
-        self.initial = {k: v.detach().clone() for k, v in sim.global_state.items()}
-        self.model_bytes = sum(int(v.numel()) for v in self.initial.values()) * sim.fl.value_bytes
-        # what the round loop reads of "its aggregator"
-        self.aggregator = self
-        self.round_idx = 0
-        self.in_neighbours = NeighbourTable()
-        self._current: Optional[tuple] = None  # (peer, round, its trained model) during mixing
-        self._reset()
+        self.models = PeerModelStore(Path(logdir) / "peer_models")
+        self.sent = PeerModelStore(Path(logdir) / "peer_sent")
+        self.initial = initial
+        self.model_bytes = sum(int(v.numel()) for v in initial.values()) * runner.fl.value_bytes
+        lists = send_lists(self.graph, placement.part_of)
+        self.sends = {dst: peers for (src, dst), peers in sorted(lists.items()) if src == part}
+        self.receives = {src: peers for (src, dst), peers in sorted(lists.items()) if dst == part}
+        self.round_idx = self.checkpointed_round = 0
+        self._current: Optional[tuple] = None  # (peer, its current model) while it mixes
+        self._waiting: Dict[int, _Suspend] = {}
+        self._coroutines: Dict[int, Any] = {}
 
-    def _reset(self) -> None:
-        self._stats: List[Any] = []
+    def _in_order(self, ids: Any) -> List[int]:
+        return sorted(ids, key=lambda i: int(self.rank_in_order[i]))
+
+    # -- a round -----------------------------------------------------------------------------
+    def begin_round(self, round_idx: int, checkpointed_round: int) -> None:
+        """Start every peer's ``run()``; train them at the barrier (all of them first)."""
+        self.round_idx, self.checkpointed_round = round_idx, checkpointed_round
+        self._stats: List[ClientStats] = []
         self._node_bytes = np.zeros(self.graph.n, dtype=np.int64)
-        self._link_bytes: Dict[tuple, int] = {}
+        self._link_bytes: Dict[int, int] = {}
         self._trained: set = set()
-        self._sum: Optional[Dict[str, torch.Tensor]] = None
-        self._sum_sq = 0.0
-        self._mixed = 0
+        self._blocks: Dict[int, BlockSum] = {}
+        self._remote: Dict[int, Dict[str, torch.Tensor]] = {}
+        self._exchanged = False
+        self.bytes_interprocess = 0
+        self._coroutines, self._waiting = {}, {}
+        for i in self.own.tolist():
+            peer = self.peers[i]
+            peer.round_idx, peer.role = round_idx, "aggregator"
+            self._coroutines[i] = peer.run()
+        for i in self.own.tolist():
+            self._step(i, None)
+        self._drive()
 
-    # -- what the round loop calls -------------------------------------------------------
-    def server_values(self) -> Dict[str, torch.Tensor]:
-        return {}
+    def outgoing(self, part: int) -> Dict[int, Dict[str, torch.Tensor]]:
+        """What this group's boundary peers share with group ``part``'s peers this round."""
+        peers = self.sends.get(part, np.zeros(0, np.int64)).tolist()
+        self.bytes_interprocess += len(peers) * self.model_bytes
+        return {j: self.shared_model(j) for j in peers}
 
-    async def run(self) -> None:
-        """One round of every peer, driven in supersteps (train all, then mix one by one)."""
-        self._reset()
-        r = self.sim.round_idx
-        coroutines = {}
-        for peer in self.peers:
-            peer.round_idx, peer.role = r, "aggregator"
-            coroutines[peer.worker_index] = peer.run()
-        waiting: Dict[int, _Suspend] = {}
+    def finish_round(self, incoming: Mapping[int, Dict[str, torch.Tensor]]) -> PartResult:
+        """Serve the peers' requests (other groups' models from ``incoming``), mix; report."""
+        expected = {int(j) for peers in self.receives.values() for j in peers.tolist()}
+        if set(incoming) != expected:
+            raise InvalidStateError(f"group {self.part} received the models of {len(incoming)} peers, "
+                                    f"expected {len(expected)}")
+        self._remote = dict(incoming)
+        self._exchanged = True
+        self._drive()
+        self._remote, self._current = {}, None
+        blocks = [self._blocks[b] for b in sorted(self._blocks)]
+        keys = np.fromiter(self._link_bytes.keys(), np.int64, len(self._link_bytes))
+        values = np.fromiter(self._link_bytes.values(), np.int64, len(self._link_bytes))
+        result = PartResult(sorted(self._stats, key=lambda s: s.client_id), blocks, self._node_bytes, keys, values,
+                            self.bytes_interprocess)
+        # the block sums (float64 models) leave with the result, not kept until the next round
+        self._blocks, self._stats, self._link_bytes = {}, [], {}
+        return result
 
-        def step(i: int, value: Any) -> None:
-            try:
-                yielded = coroutines[i].send(value)
-            except StopIteration:
-                self.peers[i].in_neighbours.release_models()
-                return
-            if not isinstance(yielded, _Suspend):
-                raise InvalidStateError(f"peer {i}'s run() awaited {yielded!r}; peers may await only "
-                                        "their own train() and request_models_suspendable()")
-            waiting[i] = yielded
+    def _step(self, i: int, value: Any) -> None:
+        try:
+            yielded = self._coroutines[i].send(value)
+        except StopIteration:
+            self.peers[i].in_neighbours.release_models()
+            del self._coroutines[i]
+            return
+        if not isinstance(yielded, _Suspend):
+            raise InvalidStateError(f"peer {i}'s run() awaited {yielded!r}; peers may await only "
+                                    "their own train() and request_models_suspendable()")
+        self._waiting[i] = yielded
 
-        for i in sorted(coroutines):
-            step(i, None)
+    def _drive(self) -> None:
+        """Run the waiting peers: trainers first (a barrier), then requests one by one, in
+        placement order; before the exchange, stop at the requests."""
+        waiting = self._waiting
         while waiting:
-            trainers = sorted(i for i, s in waiting.items() if s.kind == "train")
-            if trainers:  # a barrier: every peer that trains this round trains first
-                results = self._train_peers(trainers, r)
-                for i in trainers:
-                    del waiting[i]
-                    step(i, results[i])
+            trainers = self._in_order(i for i, s in waiting.items() if s.kind == "train")
+            if trainers:
+                if self._exchanged:
+                    raise InvalidStateError(f"peer {trainers[0]} trains after asking for models; a peer "
+                                            "trains once per round, before it asks its neighbours")
+                results = self._train_peers(trainers)
+                with torch_threads(self.threads):
+                    for i in trainers:
+                        del waiting[i]
+                        self._step(i, results[i])
                 continue
-            for i in sorted(waiting):  # every peer has trained: serve the requests one by one
-                del waiting[i]
-                step(i, None)
-        self._current = None
-        self._finish_round(r)
+            if not self._exchanged:
+                return
+            with torch_threads(self.threads):
+                for i in self._in_order(list(waiting)):
+                    del waiting[i]
+                    self._step(i, None)
 
-    def _train_peers(self, ids: Sequence[int], r: int) -> Dict[int, LocalTrainResult]:
-        """Local training of ``ids`` from their own models, through the backend, in chunks
-        of ``train_chunk`` peers (one block each, so MPI processes share a chunk); each
-        trained model goes to ``peer_sent`` (what its neighbours may ask for)."""
-        out = {}
+    def _train_peers(self, ids: Sequence[int]) -> Dict[int, LocalTrainResult]:
+        """Local training of ``ids`` from their own models, ``train_chunk`` at a time
+        (one block each); each trained model goes to ``peer_sent``."""
+        r, out = self.round_idx, {}
         for first in range(0, len(ids), self.train_chunk):
             chunk = list(ids[first:first + self.train_chunk])
             starts = PeerStarts({i: self._stored(self.models, i, r) or self.initial for i in chunk})
-            context = RoundContext(r, self.seed, checkpointed_round=self.sim.checkpointed_round, cohort=chunk,
+            context = RoundContext(r, self.seed, checkpointed_round=self.checkpointed_round, cohort=sorted(chunk),
                                    aggregator_id=PEER)
-            results = self.sim.backend.run_round(context, [(k, [i]) for k, i in enumerate(chunk)], starts)
-            updates = {chunk[b]: update for res in results for b, update in res.block_updates}
-            stats = {s.client_id: s for res in results for s in res.stats}
+            with torch_threads(self.threads):
+                result = self.runner.run_job(RoundJob(context, [(k, [i]) for k, i in enumerate(chunk)], starts))
+            updates = {chunk[b]: update for b, update in result.block_updates}
+            stats = {s.client_id: s for s in result.stats}
             for i in chunk:
                 start = starts.pop(i)  # read from the store for this call alone: updated in place
                 trained = {k: v.detach().clone() for k, v in start.items()} if start is self.initial else start
@@ -265,19 +364,15 @@ class GossipNetwork:
         tensors, _ = store.get(i, before)
         return tensors or None
 
-    def _finish_round(self, r: int) -> None:
-        """The peers' mean becomes the evaluated global model; consensus distance."""
-        sim = self.sim
-        if self._sum is not None and self._mixed:
-            with torch.no_grad():
-                mean = {k: (v / self._mixed) for k, v in self._sum.items()}
-                sq_mean = sum(float(v.pow(2).sum()) for v in mean.values())
-                for name, tensor in sim.global_state.items():
-                    tensor.copy_(mean[name].to(tensor.dtype))
-            self._consensus = float(np.sqrt(max(self._sum_sq / self._mixed - sq_mean, 0.0)))
-        else:
-            self._consensus = 0.0
-        sim.last_round = type(sim.last_round)(sorted(self._stats, key=lambda s: s.client_id))
+    def shared_model(self, j: int) -> Dict[str, torch.Tensor]:
+        """What peer ``j`` (one of this group's) shares this round: its trained model, or
+        its start (D-PSGD)."""
+        r = self.round_idx
+        if getattr(self.runner.algorithm, "shares", "trained") != "start" and j in self._trained:
+            trained = self._stored(self.sent, j, r + 1)
+            if trained is not None:
+                return trained
+        return self._stored(self.models, j, r) or self.initial
 
     # -- the runtime protocol (what a peer calls) ---------------------------------------------
     def degree(self, i: int) -> int:
@@ -286,7 +381,7 @@ class GossipNetwork:
 
     def get_model(self, worker: FederatedWorker) -> Dict[str, torch.Tensor]:
         """The peer's current model: after training, the trained one; else its start."""
-        i, r = worker.worker_index, self.sim.round_idx
+        i, r = worker.worker_index, self.round_idx
         if self._current is not None and self._current[0] == i:
             return self._current[1]
         model = (self._stored(self.sent, i, r + 1) if i in self._trained else None) \
@@ -295,21 +390,27 @@ class GossipNetwork:
         return model
 
     def update_model(self, worker: FederatedWorker, weights: Mapping[str, torch.Tensor]) -> None:
-        """The peer's model after mixing: stored (version = this round), and summed for
-        the mean and the consensus distance."""
-        i, r = worker.worker_index, self.sim.round_idx
+        """The peer's model after mixing: stored (version = this round), and added to its
+        reduction block's sums for the mean and the consensus distance."""
+        i, r = worker.worker_index, self.round_idx
         missing = set(self.initial) - set(weights)
         if missing:
             raise InvalidStateError(f"update_model: peer {i}'s weights lack {sorted(missing)[:5]}")
         model = {k: weights[k].detach().to(self.initial[k].dtype) for k in self.initial}
-        self.models.put(i, r, model, checkpointed_round=self.sim.checkpointed_round)
+        self.models.put(i, r, model, checkpointed_round=self.checkpointed_round)
+        block = self.placement.block_of(i)
+        acc = self._blocks.get(block)
+        if acc is None:
+            acc = self._blocks[block] = BlockSum(block, {k: torch.zeros(v.shape, dtype=torch.float64)
+                                                         for k, v in model.items()}, 0.0, 0)
         with torch.no_grad():
-            if self._sum is None:
-                self._sum = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in model.items()}
-            for name, value in model.items():  # in float64, without a float64 copy of the model
-                self._sum[name].add_(value)
-                self._sum_sq += float(torch.linalg.vector_norm(value, dtype=torch.float64)) ** 2
-        self._mixed += 1
+            # in float64, without a float64 copy of the model; names sorted: an MPI process
+            # reads the first model from a file, whose names come in another order
+            for name in sorted(model):
+                value = model[name]
+                acc.sums[name].add_(value)
+                acc.squares += float(torch.linalg.vector_norm(value, dtype=torch.float64)) ** 2
+        acc.peers += 1
         self._current = None
 
     def train(self, worker: FederatedWorker, model_dir: Optional[str] = None) -> _Suspend:
@@ -323,14 +424,12 @@ class GossipNetwork:
         if unknown:
             raise InvalidStateError(f"peer {i} asked workers {unknown[:5]}, which are not its in-neighbours")
         await _Suspend("models")
-        r = self.sim.round_idx
+        r, n = self.round_idx, self.graph.n
         out = []
         for j in sorted({int(x) for x in ids}):
-            if type(worker).shares == "start":
-                model = self._stored(self.models, j, r) or self.initial
-            else:
-                model = (self._stored(self.sent, j, r + 1) if j in self._trained else None) \
-                    or self._stored(self.models, j, r) or self.initial
+            model = self._remote.get(j)
+            if model is None:
+                model = self.shared_model(j)
             if j == i:
                 neighbour = Neighbour(i, model=model, sample_num=worker.sample_num, last_sync=r)
             else:
@@ -338,24 +437,144 @@ class GossipNetwork:
                 neighbour.model, neighbour.last_sync = model, r
                 self._node_bytes[i] += self.model_bytes
                 self._node_bytes[j] += self.model_bytes
-                link = (min(i, j), max(i, j))
+                link = min(i, j) * n + max(i, j)
                 self._link_bytes[link] = self._link_bytes.get(link, 0) + self.model_bytes
             out.append(neighbour)
         return out
 
     def test(self, worker: FederatedWorker) -> Dict[str, float]:
+        """Metrics of the peer's current model on the validation split."""
+        self.runner.trainer.model.load_state_dict(self.get_model(worker), strict=False)
+        return self.runner.trainer.evaluate("val", log=False)
+
+
+class GossipNetwork:
+    """The round loop's driver of a decentralized round (``Runtime`` of the round loop).
+
+    It places the peers (``fedrec.federated.placement``) on the backend's processes: one
+    group on the local backend, one per MPI process under MPI, where each process runs its
+    own group and exchanges only boundary models with the others (``gossip_mpi``). Rank 0
+    never holds a peer's model: it adds the groups' per-block sums in block order (the
+    same bits for any number of processes), takes the peers' mean as the evaluated model,
+    and the consensus distance.
+    """
+
+    #: groups the local backend splits the peers into (1; tests set more: the exchange of
+    #: the MPI path, in one process)
+    local_parts = 1
+
+    def __init__(self, sim: Any, topology: GraphTopology) -> None:
+        self.sim, self.topology, self.graph = sim, topology, topology.graph
+        # computed once per run and kept in the logdir: every MPI process reads the same order
+        self.order = stored_order(sim.logdir, self.graph, topology.kind, topology.placement)
+        self.models = PeerModelStore(sim.logdir / "peer_models")
+        self.sent = PeerModelStore(sim.logdir / "peer_sent")
+        # every peer starts from the same model (rebuilt identically on resume); MPI processes read it
+        self.initial = {k: v.detach().clone() for k, v in sim.global_state.items()}
+        save_file({k: v.contiguous() for k, v in self.initial.items()}, str(initial_path(sim.logdir)))
+        self.model_bytes = sum(int(v.numel()) for v in self.initial.values()) * sim.fl.value_bytes
+        # what the round loop reads of "its aggregator"
+        self.aggregator = self
+        self.round_idx = 0
+        self.in_neighbours = NeighbourTable()
+        self.placement: Optional[Placement] = None
+        self.groups: List[PeerGroup] = []
+        self._metrics: Dict[str, float] = {}
+
+    def server_values(self) -> Dict[str, torch.Tensor]:
+        return {}
+
+    def _place(self) -> None:
+        backend = self.sim.backend
+        parts = backend.pool_size if hasattr(backend, "run_on_every_process") else self.local_parts
+        self.placement = place(self.order, self.sim.fl.reduce_blocks, parts)
+        if not hasattr(backend, "run_on_every_process"):
+            self.groups = [PeerGroup(self.sim.runner, self.topology, self.placement, k, self.sim.logdir,
+                                     self.initial, self.sim.fl.client_threads) for k in range(parts)]
+        if parts > 1:
+            self.sim.logger.info(describe_placement(self.graph, self.placement, self.model_bytes))
+
+    async def run(self) -> None:
+        """One round of every peer, group by group (or on the MPI processes at once)."""
+        if self.placement is None:
+            self._place()
+        r, checkpointed = self.sim.round_idx, self.sim.checkpointed_round
+        if self.groups:
+            for group in self.groups:
+                group.begin_round(r, checkpointed)
+            outgoing = [{dst: group.outgoing(dst) for dst in group.sends} for group in self.groups]
+            results = []
+            for k, group in enumerate(self.groups):
+                incoming = {j: model for sent in outgoing for j, model in sent.get(k, {}).items()}
+                results.append(group.finish_round(incoming))
+            del outgoing
+        else:
+            from fedrec.federated.gossip_mpi import run_groups
+
+            results = run_groups(self.sim.backend, self.sim.logdir, r, checkpointed)
+        self._reduce(results)
+
+    def _reduce(self, results: Sequence[PartResult]) -> None:
+        """The groups' block sums added in block order: the peers' mean becomes the
+        evaluated global model; consensus distance; bytes per link and node."""
+        sim = self.sim
+        blocks = sorted((b for result in results for b in result.blocks), key=lambda b: b.block)
+        total: Optional[Dict[str, torch.Tensor]] = None
+        squares, count = 0.0, 0
+        with torch.no_grad(), torch_threads(sim.fl.client_threads):
+            for block in blocks:
+                if total is None:
+                    total = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in block.sums.items()}
+                for name, value in block.sums.items():
+                    total[name].add_(value)
+                squares += block.squares
+                count += block.peers
+            if total is not None and count:
+                mean = {k: v / count for k, v in total.items()}
+                sq_mean = sum(float(mean[k].pow(2).sum()) for k in sorted(mean))
+                for name, tensor in sim.global_state.items():
+                    tensor.copy_(mean[name].to(tensor.dtype))
+                consensus = float(np.sqrt(max(squares / count - sq_mean, 0.0)))
+            else:
+                consensus = 0.0
+        node_bytes = np.sum([result.node_bytes for result in results], axis=0)
+        keys = np.concatenate([result.link_keys for result in results])
+        values = np.concatenate([result.link_bytes for result in results])
+        links = np.zeros(0, np.int64)
+        if len(keys):
+            unique, inverse = np.unique(keys, return_inverse=True)
+            links = np.zeros(len(unique), np.int64)
+            np.add.at(links, inverse, values)
+        moved = int(links.sum())
+        self._metrics = {"bytes_down": moved, "bytes_up": moved, "bytes_max_link": int(links.max(initial=0)),
+                         "bytes_max_node": int(node_bytes.max(initial=0)), "consensus_distance": consensus,
+                         "bytes_interprocess": int(sum(result.bytes_interprocess for result in results))}
+        stats = sorted((s for result in results for s in result.stats), key=lambda s: s.client_id)
+        sim.last_round = type(sim.last_round)(stats)
+
+    # -- the runtime protocol --------------------------------------------------------------------
+    def test(self, worker: FederatedWorker) -> Dict[str, float]:
         return self.sim.evaluate()
 
     # -- metrics and checkpoints -----------------------------------------------------------------
     def round_metrics(self, stats: Sequence[Any]) -> Dict[str, float]:
-        moved = int(sum(self._link_bytes.values()))
-        return {"bytes_down": moved, "bytes_up": moved,
-                "bytes_max_link": max(self._link_bytes.values(), default=0),
-                "bytes_max_node": int(self._node_bytes.max(initial=0)),
-                "consensus_distance": self._consensus}
+        return dict(self._metrics)
 
     def state_dict(self) -> Dict[str, Any]:
         return {}  # the peers' models are in the stores, versioned by round
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         pass
+
+
+def initial_path(logdir: Path) -> Path:
+    """Where every peer's first model is written for the MPI processes."""
+    return Path(logdir) / "peer_initial.safetensors"
+
+
+def describe_placement(graph: Any, placement: Placement, model_bytes: int) -> str:
+    sizes = np.bincount(placement.part_of, minlength=placement.num_parts)
+    models = interprocess_models(graph, placement.part_of)
+    return (f"gossip on {placement.num_parts} processes: {int(sizes.min())}-{int(sizes.max())} peers each, "
+            f"{cut_fraction(graph, placement.part_of):.1%} of links cut, {models} boundary model(s) "
+            f"({models * model_bytes / 2**20:.2f} MiB) cross processes per round")

@@ -397,6 +397,29 @@ class MPIBackend(Backend):
                                 f"{t['compute']:.3f}s, reply {t['send']:.3f}s" for t in timings))
         return results
 
+    @property
+    def pool_size(self) -> int:
+        """Every MPI process of the pool (``run_on_every_process`` runs a task on each)."""
+        num = getattr(self.executor, "num_workers", None)
+        return int(num) if num is not None else max(self.MPI.COMM_WORLD.Get_size() - 1, 1)
+
+    def run_on_every_process(self, fn: Callable[[Any], Any], tasks: Sequence[Any]) -> List[Any]:
+        """``fn(task)`` for ``pool_size`` tasks at once, one on each MPI process (tasks that
+        talk to each other, as a graph's peer groups do); their results in task order."""
+        if len(tasks) != self.pool_size:
+            raise MPIProcessError(f"{len(tasks)} tasks for {self.pool_size} MPI processes")
+        futures = [self.executor.submit(fn, task) for task in tasks]
+        results, errors = [], []
+        for future in futures:
+            try:
+                results.append(future.result())
+            except Exception as err:
+                errors.append(err)
+        if errors:  # the first failure first; the others stopped because of it
+            errors.sort(key=lambda e: type(e).__name__ == "_Aborted")
+            raise MPIProcessError("; ".join(_describe(e) for e in errors[:1])) from errors[0]
+        return results
+
     def _weights_for(self, groups: List[List[Block]], global_state: Dict[str, Any],
                      server_values: Dict[str, Any], round_idx: int = 0) -> List[Packed]:
         """What each process downloads with the round's server values: the whole model,

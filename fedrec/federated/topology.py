@@ -300,11 +300,16 @@ class GraphTopology(Topology):
 
     def __init__(self, kind: Literal["ring", "torus", "k_regular", "erdos_renyi", "file"] = "ring",
                  degree: PositiveInt = 4, p: Optional[Annotated[float, pydantic.Field(gt=0, le=1)]] = None,
-                 edge_list_file: Optional[str] = None, directed: bool = False, seed: int = 0) -> None:
+                 edge_list_file: Optional[str] = None, directed: bool = False, seed: int = 0,
+                 placement: Literal["auto", "spectral", "rcm", "identity"] = "auto") -> None:
         if (kind == "file") != (edge_list_file is not None):
             raise ConfigError("fl.topology: kind: file needs edge_list_file, and edge_list_file needs kind: file")
         self.kind, self.degree, self.p = kind, int(degree), p  # p: erdos_renyi (default 2 ln n / n)
         self.edge_list_file, self.directed, self.seed = edge_list_file, bool(directed), int(seed)
+        # the peers' order over MPI processes (fedrec.federated.placement): auto is the id
+        # order for ring and torus, recursive spectral bisection otherwise; rcm: reverse
+        # Cuthill-McKee; identity: the id order
+        self.placement = placement
 
     def build(self, num_workers: int) -> None:
         self.graph = make_graph(self, num_workers)
