@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import numpy as np
 from _common import ROOT, emit, make_data, peak_rss_mib
@@ -101,15 +101,22 @@ def small_model(config: Dict[str, Any]) -> Dict[str, Any]:
     return config
 
 
+def _read_with_safe_open(path: Any) -> Tuple[Dict[str, Any], Dict[str, str]]:
+    """The peer stores' reads as they were: tensor by tensor through ``safe_open``."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
+
+
 def memory_run(peers: int, workdir: Path, rows: int, reader: str) -> None:
     import tracemalloc
 
-    from fedrec.federated.client_state import ClientStateStore
-    from fedrec.federated.gossip import PeerModelStore
+    from fedrec.federated import gossip
     from fedrec.federated.simulation import Simulation
 
     if reader == "safe_open":
-        PeerModelStore.get = ClientStateStore.get  # type: ignore[method-assign]
+        gossip.read_state_file = _read_with_safe_open
     config = small_model(make_data(workdir / "data-memory", rows, max_ind_range=100))
     config["fl"].update({"num_workers": peers, "client_num_per_round": peers, "num_rounds": 2,
                          "partitioner": {"name": "iid"}, "local_epochs": None, "local_steps": 1,

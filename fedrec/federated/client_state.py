@@ -111,12 +111,8 @@ class ClientStateStore:
         tensors: Dict[str, Tensor] = {}
         extra: Dict[str, Any] = {}
         if older:
-            from safetensors import safe_open
-
-            with safe_open(older[-1][1], framework="pt") as handle:
-                extra = json.loads((handle.metadata() or {}).get(_EXTRA_KEY, "{}"))
-                for key in handle.keys():
-                    tensors[key] = handle.get_tensor(key)
+            tensors, metadata = read_state_file(older[-1][1])
+            extra = json.loads(metadata.get(_EXTRA_KEY, "{}"))
         # a file's own copy of the slots' keys (written before they had slots) wins if newer
         if rows and (not older or rows_version > older[-1][0] or not set(rows) & set(tensors)):
             tensors.update(rows)
@@ -219,6 +215,18 @@ class ClientStateStore:
             return 0
         files = sum(p.stat().st_size for p in self.root.rglob("r*.safetensors"))
         return files + (self.slots.file_bytes(self._root) if self.slots is not None else 0)
+
+
+def read_state_file(path: "str | Path") -> Tuple[Dict[str, Tensor], Dict[str, str]]:
+    """A safetensors file's tensors and metadata, read whole. Not through ``safe_open``:
+    safetensors 0.8's ``get_tensor`` keeps about 56 bytes per call for the life of the
+    process, which a store read every round turns into a leak
+    (``benchmarks/fl_topology.py --memory``)."""
+    from safetensors.torch import load
+
+    data = Path(path).read_bytes()
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    return load(data), dict(header.get("__metadata__") or {})
 
 
 def split_rows(name: str, ids: Tensor, values: Tensor) -> Dict[str, Tensor]:

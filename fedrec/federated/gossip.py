@@ -33,11 +33,10 @@ from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
 from fedrec.federated.client_runner import PEER, ClientStats, PeerStarts, RoundJob
-from fedrec.federated.client_state import ClientStateStore
+from fedrec.federated.client_state import ClientStateStore, read_state_file
 from fedrec.federated.context import RoundContext
 from fedrec.federated.placement import Placement, cut_fraction, interprocess_models, place, send_lists, stored_order
 from fedrec.federated.topology import GraphTopology, check_worker_roles
@@ -136,10 +135,9 @@ class PeerModelStore(ClientStateStore):
     """The client-state store, writing the caller's tensors as they are: a peer's model is
     written once and never changed after (the base class copies, for callers that do).
 
-    A model is read whole (the file's bytes, parsed by ``safetensors.torch.load``), not
-    tensor by tensor through ``safe_open``: safetensors 0.8's ``get_tensor`` keeps about 56
-    bytes per call, and a round reads each peer's model about five times, so 10,000 peers
-    of 34 tensors leaked about 100 MB a round (``benchmarks/fl_topology.py --memory``).
+    A model is read whole (:func:`~fedrec.federated.client_state.read_state_file`): a round
+    reads each peer's model about five times, and through ``safe_open`` 10,000 peers of 34
+    tensors leaked about 100 MB a round (``benchmarks/fl_topology.py --memory``).
     """
 
     copy_tensors = False
@@ -149,8 +147,7 @@ class PeerModelStore(ClientStateStore):
         older = [path for version, path in self._versions(client_id) if version < round_idx]
         if not older:
             return {}, {}
-        with open(older[-1], "rb") as handle:
-            return load_safetensors(handle.read()), {}
+        return read_state_file(older[-1])[0], {}
 
 
 class _Suspend:
