@@ -15,9 +15,7 @@ import torch
 
 from fedrec.federated.client_state import ClientStateStore
 from fedrec.federated.row_slots import HEADER_BYTES, RowSlotError
-from fedrec.utilities.config import load_config
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 LAYOUT = {"private/emb": ((1, 3), torch.float32), "private/bias": ((1, 1), torch.float32)}
 
 
@@ -133,20 +131,12 @@ def test_a_batch_reads_up_front_writes_at_its_end_and_drops_writes_on_error(tmp_
 # -- whole runs ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ratings_config(tmp_path_factory) -> Dict[str, Any]:
-    from fedrec.data.synthetic_ratings import synthesize_ratings
-    from fedrec.runner import run_preprocess
+    from tests.test_movielens import small_ratings_config
 
-    root = tmp_path_factory.mktemp("slot_ratings")
-    synthesize_ratings(root / "ratings.csv", num_users=40, num_items=120, mean_per_user=10, seed=3)
-    config = load_config(PROJECT_ROOT / "configs" / "movielens_mf_fl.yml")
-    config["model"]["embedding_dim"] = 8
-    config["model"]["preproc"].update({"datafile": str(root / "ratings.csv"), "output_file": str(root / "out")})
-    config["train"]["config"].update({"progress_bar": False, "eval_batch_size": 1000, "eval_negatives": 49,
-                                      "full_ranking": False, "client_records_max_users": 0})
-    config["fl"].update({"num_rounds": 4, "client_num_per_round": 8, "local_epochs": 2, "progress_bar": False,
-                         "eval_every_n_rounds": 2, "local_batch_size": 8, "checkpoint_every_n_rounds": 2})
-    run_preprocess(config, progress=False)
-    return config
+    return small_ratings_config(tmp_path_factory.mktemp("slot_ratings"), users=40, items=120, seed=3,
+                                train={"full_ranking": False, "client_records_max_users": 0},
+                                fl={"num_rounds": 4, "client_num_per_round": 8, "local_epochs": 2,
+                                    "eval_every_n_rounds": 2, "checkpoint_every_n_rounds": 2})
 
 
 def _private_rows(config: Dict[str, Any], logdir: Path, rounds: int) -> Dict[str, torch.Tensor]:

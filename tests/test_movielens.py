@@ -219,21 +219,29 @@ def test_negatives_exclude_rated_items_and_are_seeded():
 # -- federated -----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def synthetic_config(tmp_path_factory) -> Dict[str, Any]:
+def small_ratings_config(root: Path, users: int, items: int, seed: int, train: Dict[str, Any],
+                         fl: Dict[str, Any]) -> Dict[str, Any]:
+    """configs/movielens_mf_fl.yml on a small synthetic ratings file under ``root``
+    (written and preprocessed), with 8-dimensional embeddings and these train/fl keys."""
     from fedrec.data.synthetic_ratings import synthesize_ratings
     from fedrec.runner import run_preprocess
 
-    root = tmp_path_factory.mktemp("ratings")
-    synthesize_ratings(root / "ratings.csv", num_users=30, num_items=150, mean_per_user=10, seed=5)
+    synthesize_ratings(root / "ratings.csv", num_users=users, num_items=items, mean_per_user=10, seed=seed)
     config = load_config(PROJECT_ROOT / "configs" / "movielens_mf_fl.yml")
     config["model"]["embedding_dim"] = 8
     config["model"]["preproc"].update({"datafile": str(root / "ratings.csv"), "output_file": str(root / "out")})
-    config["train"]["config"].update({"progress_bar": False, "num_epochs": 1, "eval_batch_size": 1000,
-                                      "eval_negatives": 49})
-    config["fl"].update({"num_rounds": 3, "client_num_per_round": 6, "local_epochs": 1, "progress_bar": False,
-                         "eval_every_n_rounds": 1, "local_batch_size": 8})
+    config["train"]["config"].update({"progress_bar": False, "eval_batch_size": 1000, "eval_negatives": 49, **train})
+    config["fl"].update({"progress_bar": False, "local_batch_size": 8, **fl})
     run_preprocess(config, progress=False)
+    return config
+
+
+@pytest.fixture(scope="module")
+def synthetic_config(tmp_path_factory) -> Dict[str, Any]:
+    config = small_ratings_config(tmp_path_factory.mktemp("ratings"), users=30, items=150, seed=5,
+                                  train={"num_epochs": 1},
+                                  fl={"num_rounds": 3, "client_num_per_round": 6, "local_epochs": 1,
+                                      "eval_every_n_rounds": 1})
     return config
 
 

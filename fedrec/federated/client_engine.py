@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import threading
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -306,8 +307,7 @@ class VectorizedEngine:
             loader = runner.trainer.client_loader(runner.partition.indices_of(cid), fl.local_batch_size, seed=seed)
             visits.append(client_visits(loader, fl))
         cohort = build_cohort(self.split, visits, client_ids, fl.local_batch_size, len(self.table_names), self.device)
-        params, table = self._initial_weights(cohort, global_state)
-        start_rows = table.clone() if keep_start or self.prox_mu else None
+        params, table, start_rows = self._initial_weights(cohort, global_state, keep_start or bool(self.prox_mu))
         anchor = {n: global_state[n].to(self.device).unsqueeze(0) for n in params} if self.prox_mu else None
         losses = self._run(cohort, params, table, anchor, start_rows)
         return cohort, params, table, start_rows, losses
@@ -336,23 +336,38 @@ class VectorizedEngine:
         weight = torch.tensor(sizes, dtype=torch.float32, device=self.device)
         update = WeightedUpdate(weight=float(sum(float(runner.partition.sizes[c]) for c in sorted(client_ids))),
                                 num_clients=len(client_ids))
-        for name in runner.whole_names:
-            if name in params:
-                delta = params[name] - global_state[name].to(self.device).unsqueeze(0)
-                update.dense[name] = (delta * weight.view((-1,) + (1,) * (delta.dim() - 1))).sum(dim=0)
         # every row of the block table: its client's weight, its delta; summed per
-        # (table, id) in one pass over all tables, each row's deltas added in client
-        # order (index_add_ follows the block table's order), as the clients' own sum does
+        # (table, id) a group of tables per thread, each row's deltas added in client
+        # order (the group's rows keep it within a table), as the clients' own sum does
         row_client = torch.repeat_interleave(torch.arange(cohort.num_clients),
                                              torch.from_numpy(cohort.segment[:, -1] - cohort.segment[:, 0]))
         row_weight = weight[row_client.to(self.device)]
-        row_deltas = table.sub_(start_rows).mul_(row_weight.unsqueeze(1))  # the table is done with
         keys = (cohort.row_table << _ID_BITS) | cohort.row_ids
-        unique, inverse = torch.unique(keys, sorted=True, return_inverse=True)
-        values = torch.zeros((unique.numel(), self.dim), dtype=table.dtype, device=self.device)
-        values.index_add_(0, inverse.to(self.device), row_deltas)
-        weights = torch.zeros(unique.numel(), dtype=torch.float64)
-        weights.index_add_(0, inverse, row_weight.double().cpu())
+
+        def mlp_sums() -> Dict[str, Tensor]:
+            sums = {}
+            for name in runner.whole_names:
+                if name in params:
+                    delta = params[name] - global_state[name].to(self.device).unsqueeze(0)
+                    sums[name] = (delta * weight.view((-1,) + (1,) * (delta.dim() - 1))).sum(dim=0)
+            return sums
+
+        def row_sums(group: Tuple[int, int, Tensor, np.ndarray]) -> Tuple[Tensor, Tensor, Tensor]:
+            where = group[2].to(self.device)
+            deltas = (table.index_select(0, where) - start_rows.index_select(0, where)).mul_(
+                row_weight.index_select(0, where).unsqueeze(1))
+            unique, inverse = torch.unique(keys[group[2]], sorted=True, return_inverse=True)
+            values = torch.zeros((unique.numel(), self.dim), dtype=table.dtype, device=self.device)
+            values.index_add_(0, inverse.to(self.device), deltas)
+            weights = torch.zeros(unique.numel(), dtype=torch.float64)
+            weights.index_add_(0, inverse, row_weight.double().cpu()[group[2]])
+            return unique, values, weights
+
+        sums = self._side_by_side([mlp_sums] + [functools.partial(row_sums, g) for g in self._table_groups(cohort)])
+        update.dense.update(sums[0])
+        unique = torch.cat([part[0] for part in sums[1:]])
+        values = torch.cat([part[1] for part in sums[1:]])
+        weights = torch.cat([part[2] for part in sums[1:]])
         bounds = torch.searchsorted(unique, torch.arange(len(self.table_names) + 1) << _ID_BITS).tolist()
         for t, name in enumerate(self.table_names):
             lo, hi = bounds[t], bounds[t + 1]
@@ -371,27 +386,77 @@ class VectorizedEngine:
                  for k, cid in enumerate(cohort.client_ids)]
         return update, stats
 
-    def _initial_weights(self, cohort: Cohort, global_state: Dict[str, Any]) -> Tuple[Dict[str, Tensor], Tensor]:
+    def _initial_weights(self, cohort: Cohort, global_state: Dict[str, Any],
+                         keep_start: bool) -> Tuple[Dict[str, Tensor], Tensor, Optional[Tensor]]:
+        """(stacked weights, block table, a copy of its start if ``keep_start``), the
+        tables' rows gathered a group of tables per thread (:meth:`_table_groups`)."""
         k = cohort.num_clients
-        params = {}
-        for name in self.param_names:
-            value = global_state[name].to(self.device)
-            # a copy per client (never a view of the global weights, even when k == 1)
-            params[name] = value.unsqueeze(0).repeat((k,) + (1,) * value.dim())
-        table = torch.empty((int(cohort.row_ids.numel()), self.dim), dtype=torch.float32, device=self.device)
-        # block-table rows grouped by table (a stable counting sort: client order kept)
-        order = torch.from_numpy(np.argsort(cohort.row_table.numpy().astype(np.int16), kind="stable"))
-        bounds = np.concatenate([[0], np.cumsum(np.bincount(cohort.row_table.numpy(),
-                                                            minlength=len(self.table_names)))])
-        rows_by_table = [order[bounds[t]:bounds[t + 1]] for t in range(len(self.table_names))]
-        for t, name in enumerate(self.table_names):
-            where = rows_by_table[t]
-            if where.numel():
-                source = global_state[name]
-                device = source.values.device if isinstance(source, RowSubset) else source.device
-                rows = gather_rows(source, cohort.row_ids[where].to(device))
-                table[where.to(self.device)] = rows.to(self.device, table.dtype)
-        return params, table
+        rows = int(cohort.row_ids.numel())
+        table = torch.empty((rows, self.dim), dtype=torch.float32, device=self.device)
+        start = torch.empty_like(table) if keep_start else None
+        params: Dict[str, Tensor] = {}
+
+        def stack() -> None:
+            for name in self.param_names:
+                value = global_state[name].to(self.device)
+                # a copy per client (never a view of the global weights, even when k == 1)
+                params[name] = value.unsqueeze(0).repeat((k,) + (1,) * value.dim())
+
+        def gather(group: Tuple[int, int, Tensor, np.ndarray]) -> None:
+            first, stop, order, bounds = group
+            for t in range(first, stop):
+                where = order[bounds[t] - bounds[first]:bounds[t + 1] - bounds[first]]
+                if where.numel():
+                    source = global_state[self.table_names[t]]
+                    device = source.values.device if isinstance(source, RowSubset) else source.device
+                    values = gather_rows(source, cohort.row_ids[where].to(device)).to(self.device, table.dtype)
+                    table[where.to(self.device)] = values
+                    if start is not None:
+                        start[where.to(self.device)] = values
+
+        self._side_by_side([stack] + [functools.partial(gather, g) for g in self._table_groups(cohort)])
+        return params, table, start
+
+    def _table_groups(self, cohort: Cohort) -> List[Tuple[int, int, Tensor, np.ndarray]]:
+        """The tables cut into ``fl.client_threads`` consecutive groups of about equal
+        rows: (first table, stop, the group's block-table rows ordered by table (client
+        order kept within a table), each table's start in that order). A group's work is
+        the same whoever runs it, so the results do not depend on the thread count."""
+        if getattr(cohort, "table_groups", None) is None:
+            tables = len(self.table_names)
+            # block-table rows grouped by table (a stable counting sort: client order kept)
+            order = torch.from_numpy(np.argsort(cohort.row_table.numpy().astype(np.int16), kind="stable"))
+            bounds = np.concatenate([[0], np.cumsum(np.bincount(cohort.row_table.numpy(), minlength=tables))])
+            parts = max(1, min(self._threads_here(), tables))
+            cuts = [0] + [int(np.searchsorted(bounds, bounds[-1] * i / parts)) for i in range(1, parts)] + [tables]
+            cuts = sorted(set(min(max(c, 0), tables) for c in cuts))
+            cohort.table_groups = [(a, b, order[bounds[a]:bounds[b]], bounds) for a, b in zip(cuts, cuts[1:])]
+        return cohort.table_groups
+
+    def _threads_here(self) -> int:
+        """Threads this chunk may use: ``fl.client_threads``, or 1 on a pool thread."""
+        if self.device.type != "cpu" or getattr(self._thread_forward, "busy", False):
+            return 1
+        return int(self.fl.client_threads)
+
+    def _side_by_side(self, work: List[Callable[[], Any]]) -> List[Any]:
+        """Each of ``work``'s independent pieces, on the lane threads when there are several
+        (each piece's kernels on one thread); their results in order."""
+        threads = self._threads_here()
+        if threads <= 1 or len(work) <= 1:
+            return [piece() for piece in work]
+        pool = self._lane_pool(threads)
+        futures = [pool.submit(self._piece_on_one_thread, piece) for piece in work]
+        try:
+            return [future.result() for future in futures]
+        finally:
+            for future in futures:
+                future.cancel()
+
+    @staticmethod
+    def _piece_on_one_thread(piece: Callable[[], Any]) -> Any:
+        torch.set_num_threads(1)
+        return piece()
 
     def _run(self, cohort: Cohort, params: Dict[str, Tensor], table: Tensor,
              anchor: Optional[Dict[str, Tensor]] = None, start_rows: Optional[Tensor] = None) -> Tensor:
