@@ -195,7 +195,7 @@ class VectorizedEngine:
         self.param_elements = sum(int(p.numel()) for n, p in self.model.named_parameters() if n in self.param_names)
         self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._pool_threads = 0
-        self._thread_forward = threading.local()  # each lane thread's forward (see _run)
+        self._thread_local = threading.local()  # a pool thread's marker and forward copy
 
     # -- memory budget --------------------------------------------------------------------
     def client_bytes(self, steps: int) -> int:
@@ -242,22 +242,13 @@ class VectorizedEngine:
         ``fl.client_threads``, together within ``fl.vectorize_memory_mb``) train at once,
         each on one thread, when a job has many small chunks (one per reduction block,
         say); a chunk's floats are the same on whichever thread it runs."""
-        threads = int(self.fl.client_threads)
-        if threads <= 1 or len(chunks) <= 1 or self.device.type != "cpu":
+        threads = self._threads_here()
+        if threads <= 1 or len(chunks) <= 1:
             yield from (work(chunk) for chunk in chunks)
             return
-        pool = self._lane_pool(threads)
         for wave in self._waves(chunks, threads):
-            if len(wave) == 1:  # alone: its lanes share the threads
-                yield work(wave[0])
-                continue
-            futures = [pool.submit(self._on_one_thread, work, chunk) for chunk in wave]
-            try:
-                for future in futures:
-                    yield future.result()
-            finally:
-                for future in futures:
-                    future.cancel()
+            # alone, a chunk's own lanes share the threads; several: a thread each
+            yield from self._side_by_side([functools.partial(work, chunk) for chunk in wave])
 
     def _waves(self, chunks: Sequence[List[int]], threads: int) -> List[List[List[int]]]:
         """Consecutive chunks grouped: at most ``threads`` of them, within the budget."""
@@ -271,15 +262,6 @@ class VectorizedEngine:
             waves[-1].append(chunk)
             used += need
         return waves
-
-    def _on_one_thread(self, work: Callable[[List[int]], Any], chunk: List[int]) -> Any:
-        """``work(chunk)`` on a pool thread: its kernels and its lanes on this thread."""
-        torch.set_num_threads(1)
-        self._thread_forward.busy = True  # the pool is busy: run this chunk's lanes here
-        try:
-            return work(chunk)
-        finally:
-            self._thread_forward.busy = False
 
     def _steps_of(self, cid: int) -> int:
         n = int(self.runner.partition.sizes[cid])
@@ -422,7 +404,7 @@ class VectorizedEngine:
         rows: (first table, stop, the group's block-table rows ordered by table (client
         order kept within a table), each table's start in that order). A group's work is
         the same whoever runs it, so the results do not depend on the thread count."""
-        if getattr(cohort, "table_groups", None) is None:
+        if cohort.table_groups is None:
             tables = len(self.table_names)
             # block-table rows grouped by table (a stable counting sort: client order kept)
             order = torch.from_numpy(np.argsort(cohort.row_table.numpy().astype(np.int16), kind="stable"))
@@ -435,7 +417,7 @@ class VectorizedEngine:
 
     def _threads_here(self) -> int:
         """Threads this chunk may use: ``fl.client_threads``, or 1 on a pool thread."""
-        if self.device.type != "cpu" or getattr(self._thread_forward, "busy", False):
+        if self.device.type != "cpu" or getattr(self._thread_local, "on_pool", False):
             return 1
         return int(self.fl.client_threads)
 
@@ -453,9 +435,11 @@ class VectorizedEngine:
             for future in futures:
                 future.cancel()
 
-    @staticmethod
-    def _piece_on_one_thread(piece: Callable[[], Any]) -> Any:
-        torch.set_num_threads(1)
+    def _piece_on_one_thread(self, piece: Callable[[], Any]) -> Any:
+        """``piece()`` on a pool thread: its kernels on this one thread, and any work it
+        would spread (a chunk's lanes, its table groups) run here too."""
+        torch.set_num_threads(1)  # this thread's kernels (the setting is per thread)
+        self._thread_local.on_pool = True
         return piece()
 
     def _run(self, cohort: Cohort, params: Dict[str, Tensor], table: Tensor,
@@ -480,27 +464,14 @@ class VectorizedEngine:
         row_start = np.concatenate([cohort.segment[:, 0], cohort.segment[-1:, -1]]) if cohort.num_clients else [0]
         if self.device.type != "cpu":  # one lane: the accelerator batches every client itself
             self._run_lane(cohort, params, table, optimizer, losses, row_start, 0, cohort.num_clients,
-                           self.forward, anchor, start_rows)
+                           anchor, start_rows)
             return self._loss_sums(cohort, losses)
         micro = self.micro_clients
-        lanes = [(a, min(a + micro, cohort.num_clients)) for a in range(0, cohort.num_clients, micro)]
-        threads = min(int(self.fl.client_threads), len(lanes))
-        with torch_threads(1):
-            if threads <= 1 or getattr(self._thread_forward, "busy", False):
-                forward = self._forward_here() if getattr(self._thread_forward, "busy", False) else self.forward
-                for a, b in lanes:
-                    self._run_lane(cohort, params, table, optimizer, losses, row_start, a, b, forward, anchor,
-                                   start_rows)
-            else:  # the lanes with most steps come first, so the threads finish together
-                pool = self._lane_pool(threads)
-                futures = [pool.submit(self._run_lane_on_one_thread, cohort, params, table, optimizer, losses,
-                                       row_start, a, b, anchor, start_rows) for a, b in lanes]
-                try:
-                    for future in futures:
-                        future.result()
-                finally:  # a failed lane: the others not yet started never start
-                    for future in futures:
-                        future.cancel()
+        lanes = range(0, cohort.num_clients, micro)
+        # the lanes with most steps come first, so the threads finish together
+        self._side_by_side([functools.partial(self._run_lane, cohort, params, table, optimizer, losses, row_start,
+                                              a, min(a + micro, cohort.num_clients), anchor, start_rows)
+                            for a in lanes])
         return self._loss_sums(cohort, losses)
 
     @staticmethod
@@ -517,25 +488,21 @@ class VectorizedEngine:
             self._pool_threads = threads
         return self._pool
 
-    def _run_lane_on_one_thread(self, cohort: Cohort, params: Dict[str, Tensor], table: Tensor,
-                                optimizer: StackedOptimizer, losses: Tensor, row_start: Any, first: int, stop: int,
-                                anchor: Optional[Dict[str, Tensor]], start_rows: Optional[Tensor]) -> None:
-        torch.set_num_threads(1)  # this thread's kernels (the setting is per thread)
-        self._run_lane(cohort, params, table, optimizer, losses, row_start, first, stop, self._forward_here(),
-                       anchor, start_rows)
-
     def _forward_here(self) -> Any:
-        """The forward this pool thread uses (its own copy where threads cannot share one)."""
-        if not hasattr(self._thread_forward, "forward"):
-            self._thread_forward.forward = self.forward.for_another_thread()
-        return self._thread_forward.forward
+        """The forward this thread uses: the engine's own, or on a pool thread a copy of its
+        own (threads cannot share a ``torch.func`` model: see ``for_another_thread``)."""
+        if not getattr(self._thread_local, "on_pool", False):
+            return self.forward
+        if not hasattr(self._thread_local, "forward"):
+            self._thread_local.forward = self.forward.for_another_thread()
+        return self._thread_local.forward
 
     def _run_lane(self, cohort: Cohort, params: Dict[str, Tensor], table: Tensor, optimizer: StackedOptimizer,
-                  losses: Tensor, row_start: Any, first: int, stop: int, forward: Any,
+                  losses: Tensor, row_start: Any, first: int, stop: int,
                   anchor: Optional[Dict[str, Tensor]] = None, start_rows: Optional[Tensor] = None) -> None:
         """Every step of clients ``first``..``stop - 1`` (engine order), those still
         training at each step (a prefix: the cohort's clients come most steps first)."""
-        names, tables, mu = list(params), len(self.table_names), self.prox_mu
+        names, tables, mu, forward = list(params), len(self.table_names), self.prox_mu, self._forward_here()
         for s, active in enumerate(cohort.active):
             b = min(active, stop)
             if b <= first:

@@ -150,6 +150,11 @@ class ClientRunner:
 
     def __init__(self, config: Dict[str, Any], fl: FLConfig, trainer: Any, partition: Any,
                  aggregator_id: int, logdir: Optional[Path] = None) -> None:
+        # per-client work kept for the next ask (see _local_optimizer, _client_seed, _client_users)
+        self._last_optimizer: Optional[torch.optim.Optimizer] = None
+        self._optimizer_settings: Optional[List[Dict[str, Any]]] = None
+        self._seed_memo: Optional[Tuple[Tuple[int, int], int]] = None
+        self._users_of: Optional[Tuple[int, torch.Tensor]] = None
         self.config = config
         self.fl = fl
         self.trainer = trainer
@@ -312,7 +317,7 @@ class ClientRunner:
         """A fresh local optimizer, or the last client's where that is the same thing: a
         torch optimizer that kept no state (plain SGD), has no hooks and whose settings
         nothing changed. (Building one costs more than a small client's Python overhead.)"""
-        last = self.__dict__.get("_last_optimizer")
+        last = self._last_optimizer
         if (last is not None and not last.state and not last._optimizer_step_pre_hooks
                 and not last._optimizer_step_post_hooks and _same(_group_settings(last), self._optimizer_settings)):
             return last
@@ -324,7 +329,7 @@ class ClientRunner:
     def _client_seed(self, round_idx: int, cid: int) -> int:
         """``derive_seed(seed, round, client)``, kept for the client's next ask (its touched
         rows and its loader both draw from it)."""
-        memo = self.__dict__.get("_seed_memo")
+        memo = self._seed_memo
         if memo is None or memo[0] != (round_idx, cid):
             memo = self._seed_memo = ((round_idx, cid), derive_seed(self.seed, round_idx, cid))
         return memo[1]
@@ -553,7 +558,7 @@ class ClientRunner:
 
     # -- private user embeddings ------------------------------------------------------------
     def _client_users(self, cid: int) -> torch.Tensor:
-        cached = self.__dict__.get("_users_of")  # the last client's (read when it loads and saves)
+        cached = self._users_of  # the last client's (read when it loads and saves)
         if cached is None or cached[0] != cid:
             cached = self._users_of = (cid, torch.from_numpy(self.trainer.client_users(self.partition.indices_of(cid))))
         return cached[1]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any, List, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -45,7 +45,9 @@ class Cohort:
     row_ids: Tensor  # int64 [R] the table row each block-table row holds
     row_table: Tensor  # int64 [R] its table column
     segment: np.ndarray  # int64 [K, T + 1] block-table offsets: client k's table t rows
-    active_rows: List[int]  # [S] block-table rows of the active clients (a prefix)
+    #: the tables cut into groups for side-by-side work (set by the engine, see
+    #: ``VectorizedEngine._table_groups``)
+    table_groups: Optional[List[Tuple[int, int, Tensor, np.ndarray]]] = None
 
     @property
     def num_clients(self) -> int:
@@ -129,7 +131,6 @@ def build_cohort(split: Any, visits: Sequence[List[np.ndarray]], client_ids: Seq
     positions = np.repeat(segment[client_of_slot, 0][:, None], num_tables, axis=1) if rows.size else \
         np.zeros((0, num_tables), dtype=np.int64)
     positions[slots] = block_inverse.reshape(-1, num_tables)
-    active_rows = [int(segment[a - 1, num_tables]) if a else 0 for a in active]
     row_ids = block_keys & ((1 << _ID_BITS) - 1)
     row_table = (block_keys >> _ID_BITS) % max(num_tables, 1)
     shape = rows.shape
@@ -141,4 +142,4 @@ def build_cohort(split: Any, visits: Sequence[List[np.ndarray]], client_ids: Seq
 
     return Cohort(client_ids, steps, active, step_start, to(dense), to(positions), to(label), to(weight),
                   torch.from_numpy(counts), torch.from_numpy(row_ids),
-                  torch.from_numpy(row_table), segment, active_rows)
+                  torch.from_numpy(row_table), segment)
