@@ -217,6 +217,18 @@ def engine_memory(workdir: Path, rows: int) -> None:
             emit(bench="engine_memory", **json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+def _device(text: str) -> str:
+    """An argparse type: a device this machine has (a bad one is argparse's one-line error)."""
+    from fedrec.trainers.base_trainer import resolve_device
+    from fedrec.utilities.config import ConfigError
+
+    try:
+        resolve_device(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200_000)
@@ -228,7 +240,7 @@ def main() -> None:
     parser.add_argument("--engines", nargs="*", choices=sorted(ENGINE_SETTINGS),
                         help="only the client-engine comparison, for these settings (none named: all)")
     parser.add_argument("--reduce-blocks", type=int, nargs="+", default=[12, 1])
-    parser.add_argument("--device", default="cpu", help="where the simulations train (cpu, cuda:0)")
+    parser.add_argument("--device", default="cpu", type=_device, help="where the simulations train (cpu, cuda:0)")
     parser.add_argument("--engine-memory", action="store_true",
                         help="only the vectorized engine's peak memory at a few fl.vectorize_memory_mb budgets")
     parser.add_argument("--child-engine-memory", nargs=2, metavar=("SETTING", "BUDGET_MB"))
