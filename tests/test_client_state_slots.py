@@ -97,6 +97,31 @@ def test_another_layout_is_refused_and_bad_rows_are_named(tmp_path):
         ClientStateStore(tmp_path, fixed_rows=LAYOUT).put(1, 1, {**_rows(1.0), "private/emb": torch.zeros(2, 3)})
 
 
+@pytest.mark.parametrize("damage", ["truncated", "cut_header", "empty", "folder"])
+def test_a_damaged_slot_file_is_refused_in_one_line_and_left_alone(tmp_path, damage):
+    """A run folder's slot file cut short (its later clients' rows would read as never
+    written) or replaced: ``--resume`` stops with one line, exit status 2, the file as found."""
+    import argparse
+
+    from fedrec.cli import user_error
+
+    ClientStateStore(tmp_path, fixed_rows=LAYOUT).put(1, 0, _rows(1.0))
+    path = tmp_path / "00000" / "rows.slots"
+    whole = path.read_bytes()
+    assert len(whole) == HEADER_BYTES + 1000 * 2 * 24  # made at its full size (sparse)
+    if damage == "folder":
+        path.unlink()
+        path.mkdir()
+    else:
+        path.write_bytes(whole[:{"truncated": HEADER_BYTES + 100, "cut_header": 100, "empty": 0}[damage]])
+    before = None if damage == "folder" else path.read_bytes()
+    with pytest.raises(RowSlotError, match=f"{path}.*fresh logdir") as caught:
+        ClientStateStore(tmp_path, fixed_rows=LAYOUT).get_rows(np.array([1, 999]), 1)
+    status, message = user_error(caught.value, argparse.Namespace(command="simulate", argv=[]))
+    assert status == 2 and "\n" not in message and message.startswith("fedrec simulate: error: ")
+    assert damage == "folder" or path.read_bytes() == before
+
+
 def test_other_state_stays_in_files_beside_the_rows(tmp_path):
     store = ClientStateStore(tmp_path, fixed_rows=LAYOUT)
     store.put(5, 0, {**_rows(1.0), "c": torch.tensor([1.0])}, {"seen": 1})

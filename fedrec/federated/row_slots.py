@@ -10,7 +10,9 @@ they get two fixed slots in a shared file instead, rewritten in place.
 Layout of ``<shard>/rows.slots``: a 4,096-byte header (a magic line and the layout as
 JSON: a file of another layout is refused, not misread), then two records per client of
 the shard, each the rows' bytes (keys in sorted order) followed by an int64 tag: the
-round + 1 of the version the record holds, 0 for none (unwritten bytes read as 0).
+round + 1 of the version the record holds, 0 for none. The file is made at its full size
+(sparse: unwritten records take no disk and read as 0), so a shorter one is truncated and
+refused rather than read as clients never written.
 
 Versions follow the store's rules (see ``client_state.py``): round ``r`` reads the
 newest version older than ``r``; a write keeps the newest version older than the
@@ -31,14 +33,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fedrec.utilities.checkpoint import CheckpointError
+
 HEADER_BYTES = 4096
 FILE_NAME = "rows.slots"
 _MAGIC = b"fedrec row slots v1\n"
 _EMPTY_TAG = bytes(8)
 
 
-class RowSlotError(RuntimeError):
-    """A slot file that does not hold the rows this run writes (another layout)."""
+class RowSlotError(CheckpointError):
+    """A slot file that does not hold the rows this run writes (another layout, truncated,
+    not a file): like a bad checkpoint, the run's saved state cannot be resumed from."""
 
 
 class RowSlots:
@@ -62,6 +67,7 @@ class RowSlots:
         if len(header) > HEADER_BYTES:
             raise ValueError(f"the row layout's description is longer than {HEADER_BYTES} bytes")
         self.header = header.ljust(HEADER_BYTES, b"\0")
+        self.file_size = HEADER_BYTES + self.shard_size * 2 * self.record
         self._checked: set = set()  # shards whose header this object has verified
 
     # -- files ---------------------------------------------------------------------------
@@ -95,6 +101,7 @@ class RowSlots:
         tmp = os.path.join(folder, f".{FILE_NAME}.tmp-{os.getpid()}")
         with open(tmp, "wb") as handle:
             handle.write(self.header)
+            handle.truncate(self.file_size)
         try:
             os.link(tmp, path)
         except FileExistsError:
@@ -106,17 +113,26 @@ class RowSlots:
                 pass
             else:
                 os.write(fd, self.header)
+                os.ftruncate(fd, self.file_size)
                 os.close(fd)
         finally:
             os.unlink(tmp)
 
     def _check_header(self, fd: int, path: str) -> None:
-        found = os.pread(fd, HEADER_BYTES, 0)
+        try:
+            found, size = os.pread(fd, HEADER_BYTES, 0), os.fstat(fd).st_size
+        except OSError as err:  # a folder in its place, say
+            raise RowSlotError(f"{path} cannot be read as a row-slot file ({err.strerror}): "
+                               "start the run in a fresh logdir") from None
+        if not found.startswith(_MAGIC) or len(found) < HEADER_BYTES:
+            raise RowSlotError(f"{path} is not a whole row-slot file (its {len(found):,}-byte header is missing "
+                               "or cut short): start the run in a fresh logdir")
         if found != self.header:
-            described = _described(found) or "no header"
-            ours = _described(self.header)
-            raise RowSlotError(f"{path} holds rows of another layout ({described}); this run stores {ours}: "
-                               "start it in a fresh logdir")
+            raise RowSlotError(f"{path} holds rows of another layout ({_described(found)}); this run stores "
+                               f"{_described(self.header)}: start it in a fresh logdir")
+        if size < self.file_size:
+            raise RowSlotError(f"{path} is truncated ({size:,} bytes of {self.file_size:,}): its clients' rows "
+                               "are lost; start the run in a fresh logdir")
 
     def _offset(self, client_id: int) -> int:
         return HEADER_BYTES + (client_id % self.shard_size) * 2 * self.record
@@ -289,11 +305,12 @@ class RowSlots:
         return out
 
     def file_bytes(self, root: str) -> int:
-        """Bytes of every shard's slot file under ``root`` (for reports)."""
+        """Bytes every shard's slot file under ``root`` takes on disk (for reports: the
+        blocks allocated, not the sparse files' full length)."""
         total = 0
         for folder, _, names in os.walk(root):
             if FILE_NAME in names:
-                total += os.path.getsize(os.path.join(folder, FILE_NAME))
+                total += os.stat(os.path.join(folder, FILE_NAME)).st_blocks * 512
         return total
 
 
