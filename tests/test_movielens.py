@@ -579,6 +579,21 @@ def test_temporal_split_by_hand(tmp_path, capsys):
     assert meta["report"]["users_only_after_cut"] == 0  # user 4 rated at 35, before this cut
 
 
+def test_temporal_cut_past_the_data_and_bad_split_counts_are_one_line_errors(tmp_path):
+    path = _write(tmp_path, TEMPORAL)
+    with pytest.raises(DataError, match="no user has an interaction at or after the temporal cut 1000 "
+                                        r"\(the last is at 60\).*cut_timestamp"):
+        preprocess_ratings(path, tmp_path / "late", MovieLensOptions(split="temporal", cut_timestamp=1000))
+    assert not (tmp_path / "late").exists()  # nothing half-written
+    preprocess_ratings(path, tmp_path / "out", MovieLensOptions(split="temporal", cut_timestamp=32))
+    meta_path = tmp_path / "out" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    for splits in ({**meta["splits"], "future": "lots"}, {**meta["splits"], "past": 1}, {"train": 8}):
+        meta_path.write_text(json.dumps({**meta, "splits": splits}))
+        with pytest.raises(DataError, match=f"{meta_path}: splits should map train, val, test"):
+            RatingsDataset.open(tmp_path / "out")
+
+
 @pytest.mark.parametrize("options, message", [
     ({"split": "temporal"}, "exactly one of cut_fraction"),
     ({"split": "temporal", "cut_fraction": 0.5, "cut_timestamp": 3}, "exactly one of cut_fraction"),

@@ -339,6 +339,10 @@ def _preprocess(source: Path, output: Path, options: MovieLensOptions) -> Dict[s
     item_ids, item = np.unique(data["item"], return_inverse=True)
     if options.split == "temporal":
         order, code = temporal_split(user, data["timestamp"], data["line"], cut)
+        if not (code == 2).any():
+            raise DataError(f"{source}: no user has an interaction at or after the temporal cut {cut} (the last is "
+                            f"at {int(data['timestamp'].max())}): nothing to validate or test on; lower "
+                            "model.preproc.cut_timestamp or cut_fraction")
         evaluated = np.zeros(len(user_ids), bool)
         evaluated[user[order[code == 2]]] = True
         report["temporal"] = {"cut_timestamp": cut, "users_evaluated": int(evaluated.sum()),
@@ -462,6 +466,11 @@ class RatingsDataset:
         if metadata.get("format_version") != FORMAT_VERSION:
             raise DataError(f"{meta_path}: format_version {metadata.get('format_version')!r}, this fedrec reads "
                             f"{FORMAT_VERSION}; {PREPROCESS_HINT}")
+        splits = metadata.get("splits")
+        if (not isinstance(splits, dict) or not set(SPLIT_NAMES[:3]) <= set(splits) or not set(splits) <= set(SPLIT_NAMES)
+                or not all(isinstance(v, int) and v >= 0 for v in splits.values())):
+            raise DataError(f"{meta_path}: splits should map {', '.join(SPLIT_NAMES[:3])} (and future, for a "
+                            f"temporal split) to row counts, found {splits!r}; {PREPROCESS_HINT}")
         return cls(path, metadata)
 
     @property
