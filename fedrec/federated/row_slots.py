@@ -149,35 +149,12 @@ class RowSlots:
     # -- one client ------------------------------------------------------------------------
     def get(self, client_id: int, round_idx: int) -> Tuple[Optional[int], Dict[str, Tensor]]:
         """(version, tensors) of the client's newest version older than ``round_idx``, or (None, {})."""
-        fd = self._open(client_id // self.shard_size, create=False)
-        if fd is None:
-            return None, {}
-        try:
-            pair = os.pread(fd, 2 * self.record, self._offset(client_id))
-        finally:
-            os.close(fd)
-        versions = self._tags(pair)
-        older = [(v, s) for s, v in enumerate(versions) if v is not None and v < round_idx]
-        if not older:
-            return None, {}
-        version, slot = max(older)
-        return version, self._decode(pair[slot * self.record:slot * self.record + self.payload])
+        versions, rows = self.get_many(np.array([client_id], dtype=np.int64), round_idx)
+        return (None, {}) if versions[0] < 0 else (int(versions[0]), {k: v[0] for k, v in rows.items()})
 
     def put(self, client_id: int, round_idx: int, tensors: Mapping[str, Tensor], checkpointed_round: int) -> int:
         """Write the client's rows after round ``round_idx``; returns the bytes written."""
-        payload = self.encode(tensors)
-        fd = self._open(client_id // self.shard_size, create=True)
-        try:
-            base = self._offset(client_id)
-            slot = self._target(self._tags(os.pread(fd, 2 * self.record, base)), round_idx, checkpointed_round)
-            start = base + slot * self.record
-            tag_at = start + self.record - 8
-            os.pwrite(fd, _EMPTY_TAG, tag_at)  # killed after this: an empty record, not a wrong one
-            os.pwrite(fd, payload, start)
-            os.pwrite(fd, int(round_idx + 1).to_bytes(8, "little", signed=True), tag_at)
-        finally:
-            os.close(fd)
-        return len(payload)
+        return self.put_many([(client_id, round_idx, self.encode(tensors), checkpointed_round)])
 
     @staticmethod
     def _target(versions: List[Optional[int]], round_idx: int, checkpointed_round: int) -> int:
@@ -286,14 +263,6 @@ class RowSlots:
                                  f"{list(value.shape)} {value.dtype}")
             parts.append(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return b"".join(parts)
-
-    def _decode(self, payload: bytes) -> Dict[str, Tensor]:
-        out, at = {}, 0
-        for key in self.keys:
-            size = self.nbytes[key]
-            out[key] = torch.frombuffer(bytearray(payload[at:at + size]), dtype=self.dtypes[key]).reshape(self.shapes[key])
-            at += size
-        return out
 
     def _decode_many(self, raw: np.ndarray) -> Dict[str, Tensor]:
         out, at = {}, 0
