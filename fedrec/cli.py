@@ -328,7 +328,9 @@ def _os_error(err: OSError, args: argparse.Namespace) -> str:
         reason = err.strerror.lower() if err.strerror else "permission denied"
         return f"cannot write {path}: {reason} (the --logdir must be a folder you can write to)"
     if err.errno in (errno.EEXIST, errno.ENOTDIR) and err.filename and not Path(err.filename).is_dir():
-        return f"{err.filename} is a file, where a folder was expected: choose another path"
+        # the file in the way: the path itself, or (ENOTDIR) the first of its folders that is a file
+        blocker = next((p for p in reversed(Path(err.filename).parents) if p.is_file()), Path(err.filename))
+        return f"{blocker} is a file, where a folder was expected: choose another path"
     if err.strerror and err.filename:
         return f"{err.filename}: {err.strerror}"
     return str(err)

@@ -257,3 +257,8 @@ def test_a_file_where_a_folder_is_expected_is_one_line(tmp_path, capsys):
     assert status == 2 and len(err.strip().splitlines()) == 1, err
     assert "blocker is a file, where a folder was expected" in err, err
     assert blocker.read_text() == "keep\n"
+    # a path below the file: the message names the file in the way, not the path asked for
+    status, _, err = cli(capsys, "synth-ratings", "--users", 10, "--out", blocker / "ratings.csv")
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{blocker} is a file, where a folder was expected" in err, err
+    assert blocker.read_text() == "keep\n"
