@@ -21,7 +21,7 @@ from test_mpi import assert_same_run, needs_mpi, simulate
 
 from fedrec.federated.gossip import GossipWorker
 from fedrec.federated.hierarchical import HierFAVGWorker
-from fedrec.federated.topology import Graph, GraphTopology, make_graph, read_assignment
+from fedrec.federated.topology import Graph, GraphTopology, HierarchicalTopology, make_graph, read_assignment
 from fedrec.federated_worker import NeighbourTable
 from fedrec.utilities import registry
 from fedrec.utilities.config import ConfigError, load_config
@@ -121,6 +121,15 @@ def test_bad_assignment_files_name_file_and_line(tmp_path, lines, expected):
     assert expected in str(err.value)
 
 
+def test_an_assignment_file_with_a_gap_in_its_edge_ids_names_the_file(tmp_path):
+    path = tmp_path / "assign.csv"
+    path.write_text("".join(f"{c},{0 if c < 2 else 3}\n" for c in range(4)))
+    with pytest.raises(ConfigError) as err:
+        HierarchicalTopology(assignment_file=str(path)).build(4)
+    assert str(err.value) == (f"fl.topology.assignment_file {path}: edge(s) [1, 2] have no client "
+                              "(edges are numbered 0..3 without gaps)")
+
+
 # -- graphs --------------------------------------------------------------------------------------
 def test_graph_kinds_have_the_degrees_they_promise():
     def built(n, **kw):
@@ -152,10 +161,13 @@ def test_a_disconnected_graph_is_warned_with_its_component_count(config, tmp_pat
     ("0 1\n1\n", "edges.txt:2: expected an edge 'a b' (two worker ids), got '1'"),
     ("# nothing\n", "edges.txt: no edges"),
     (None, "fl.topology.edge_list_file: cannot read"),
+    (b"\xff\xfe0 1\n", "edges.txt is not a UTF-8 text file (byte 0)"),
 ])
 def test_bad_edge_list_files_name_file_and_line(config, tmp_path, capsys, text, expected):
     edges = tmp_path / "edges.txt"
-    if text is not None:
+    if isinstance(text, bytes):
+        edges.write_bytes(text)
+    elif text is not None:
         edges.write_text(text)
     line = simulate_error(capsys, graph(config, kind="file", edge_list_file=str(edges)), tmp_path)
     assert expected in line
@@ -187,7 +199,7 @@ def test_gossip_keeps_the_mean_of_the_trained_models(config, tmp_path):
     try:
         row = sim.run_round()
         network = sim.topology_runtime
-        trained = [network.sent.get(i, 1)[0] for i in range(16)]
+        trained = [network.groups[0].sent.get(i, 1)[0] for i in range(16)]
     finally:
         sim.close()
     for name, tensor in sim.global_state.items():
@@ -271,6 +283,9 @@ def test_a_worker_without_the_role_its_position_needs(config, tmp_path, capsys):
     ({"name": "hierarchical"}, {"name": "hier_favg", "server_optimizer": {"name": "sgd", "lr": -1}},
      "fl.fl_algo 'hier_favg': server_optimizer"),
     ({"name": "graph", "kind": "k_regular", "degree": 40}, "gossip", "fl.topology: no 40-regular graph on 40 workers"),
+    ({"name": "graph", "kind": "k_regular", "seed": -1}, "gossip", "config key 'seed' expects int, got -1"),
+    ({"name": "hierarchical", "num_edges": 2, "assign": "random", "seed": -3}, "hier_favg",
+     "config key 'seed' expects int, got -3"),
 ])
 def test_config_mistakes_are_one_line_errors(config, tmp_path, capsys, topology, algo, expected):
     config = copy.deepcopy(config)

@@ -464,8 +464,6 @@ class GossipNetwork:
         self.sim, self.topology, self.graph = sim, topology, topology.graph
         # computed once per run and kept in the logdir: every MPI process reads the same order
         self.order = stored_order(sim.logdir, self.graph, topology.kind, topology.placement)
-        self.models = PeerModelStore(sim.logdir / "peer_models")
-        self.sent = PeerModelStore(sim.logdir / "peer_sent")
         # every peer starts from the same model (rebuilt identically on resume); MPI processes read it
         self.initial = {k: v.detach().clone() for k, v in sim.global_state.items()}
         save_file({k: v.contiguous() for k, v in self.initial.items()}, str(initial_path(sim.logdir)))

@@ -36,6 +36,8 @@ from fedrec.utilities.config import ConfigError
 log = logging.getLogger("fedrec")
 
 PositiveInt = Annotated[int, pydantic.Field(ge=1)]
+#: numpy's generators take only seeds >= 0
+Seed = Annotated[int, pydantic.Field(ge=0)]
 
 #: the roles a worker needs in each position (FederatedWorker.roles)
 POSITION_NEEDS: Dict[str, Tuple[str, ...]] = {
@@ -85,23 +87,12 @@ class Graph:
         return len(self.indices)
 
     def components(self) -> int:
-        """Weakly connected components (union-find over the edge arrays)."""
-        parent = np.arange(self.n, dtype=np.int64)
+        """Weakly connected components (scipy's, on the CSR arrays as they are)."""
+        from scipy.sparse import csr_matrix
+        from scipy.sparse.csgraph import connected_components
 
-        def find(x: int) -> int:
-            root = x
-            while parent[root] != root:
-                root = parent[root]
-            while parent[x] != root:
-                parent[x], x = root, parent[x]
-            return root
-
-        dst = np.repeat(np.arange(self.n, dtype=np.int64), self.in_degrees())
-        for a, b in zip(dst.tolist(), self.indices.tolist()):
-            ra, rb = find(a), find(b)
-            if ra != rb:
-                parent[max(ra, rb)] = min(ra, rb)
-        return len({find(i) for i in range(self.n)})
+        matrix = csr_matrix((np.ones(self.num_edges), self.indices, self.indptr), shape=(self.n, self.n))
+        return int(connected_components(matrix, directed=True, connection="weak", return_labels=False))
 
     def nbytes(self) -> int:
         return int(self.indptr.nbytes + self.indices.nbytes)
@@ -182,7 +173,7 @@ class HierarchicalTopology(Topology):
 
     def __init__(self, num_edges: Optional[PositiveInt] = None, clients_per_edge: Optional[PositiveInt] = None,
                  edge_rounds: PositiveInt = 1, assign: Literal["contiguous", "round_robin", "random"] = "contiguous",
-                 assignment_file: Optional[str] = None, seed: int = 0) -> None:
+                 assignment_file: Optional[str] = None, seed: Seed = 0) -> None:
         if clients_per_edge is not None and (num_edges is not None or assignment_file is not None):
             raise ConfigError("fl.topology: give clients_per_edge, or num_edges and/or assignment_file, not both")
         self.num_edges, self.clients_per_edge, self.edge_rounds = num_edges, clients_per_edge, int(edge_rounds)
@@ -202,7 +193,9 @@ class HierarchicalTopology(Topology):
         self.edges = int(edge_of.max()) + 1
         empty = np.flatnonzero(np.bincount(edge_of, minlength=self.edges) == 0)
         if len(empty):
-            raise ConfigError(f"fl.topology: edge(s) {empty[:5].tolist()} have no client")
+            where = f"fl.topology.assignment_file {self.assignment_file}" if self.assignment_file else "fl.topology"
+            raise ConfigError(f"{where}: edge(s) {empty[:5].tolist()} have no client (edges are numbered "
+                              f"0..{self.edges - 1} without gaps)")
         # clients of each edge, ascending (CSR)
         order = np.argsort(edge_of, kind="stable")
         self.members_indptr = np.concatenate([[0], np.cumsum(np.bincount(edge_of, minlength=self.edges))])
@@ -251,6 +244,9 @@ def _data_lines(path: Path, key: str):
         text = path.read_text()
     except OSError as err:
         raise ConfigError(f"{key}: cannot read {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{key}: {path} is not a UTF-8 text file (byte {err.start}); expected lines of "
+                          "integers") from None
     for number, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if line:
@@ -300,7 +296,7 @@ class GraphTopology(Topology):
 
     def __init__(self, kind: Literal["ring", "torus", "k_regular", "erdos_renyi", "file"] = "ring",
                  degree: PositiveInt = 4, p: Optional[Annotated[float, pydantic.Field(gt=0, le=1)]] = None,
-                 edge_list_file: Optional[str] = None, directed: bool = False, seed: int = 0,
+                 edge_list_file: Optional[str] = None, directed: bool = False, seed: Seed = 0,
                  placement: Literal["auto", "spectral", "rcm", "identity"] = "auto") -> None:
         if (kind == "file") != (edge_list_file is not None):
             raise ConfigError("fl.topology: kind: file needs edge_list_file, and edge_list_file needs kind: file")
