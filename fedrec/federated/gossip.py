@@ -39,12 +39,11 @@ from fedrec.federated.client_runner import PEER, ClientStats, PeerStarts, RoundJ
 from fedrec.federated.client_state import ClientStateStore, read_state_file
 from fedrec.federated.context import RoundContext
 from fedrec.federated.placement import Placement, cut_fraction, interprocess_models, place, send_lists, stored_order
-from fedrec.federated.topology import GraphTopology, check_worker_roles
+from fedrec.federated.topology import GraphTopology, check_worker_roles, make_worker
 from fedrec.federated.update import weighted_model_sum
 from fedrec.federated_worker import FederatedWorker, InvalidStateError, Neighbour, NeighbourTable
 from fedrec.trainers.base_trainer import LocalTrainResult
 from fedrec.utilities import registry
-from fedrec.utilities.config import ConfigError
 from fedrec.utilities.threads import torch_threads
 
 
@@ -178,12 +177,9 @@ def build_peers(runner: Any, topology: GraphTopology, runtime: Any,
         else:
             outs = outgoing.in_neighbours(i)
             out_table = NeighbourTable(outs, sizes[outs])
-        try:
-            peer = runner.algorithm(worker_index=i, roles=["trainer", "aggregator"], in_neighbours=in_table,
-                                    out_neighbours=out_table, runtime=runtime, sample_num=int(sizes[i]),
-                                    client_num_per_round=fl.client_num_per_round, **runner.algorithm_kwargs)
-        except (ValueError, TypeError) as err:
-            raise ConfigError(f"fl.fl_algo {fl.fl_algo.get('name')!r}: {err}") from None
+        peer = make_worker(runner, worker_index=i, roles=["trainer", "aggregator"], in_neighbours=in_table,
+                           out_neighbours=out_table, runtime=runtime, sample_num=int(sizes[i]),
+                           client_num_per_round=fl.client_num_per_round)
         peer.role = "aggregator"
         check_worker_roles(peer, "peer", f"peer {i} of fl.topology graph")
         peers.append(peer)

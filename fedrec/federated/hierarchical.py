@@ -24,11 +24,10 @@ import numpy as np
 import torch
 
 from fedrec.federated.fed_avg import FedAvgWorker
-from fedrec.federated.topology import HierarchicalTopology, check_worker_roles
+from fedrec.federated.topology import HierarchicalTopology, check_worker_roles, make_worker
 from fedrec.federated.update import weighted_model_sum
 from fedrec.federated_worker import Cohort, FederatedWorker, InvalidStateError, Neighbour, NeighbourTable
 from fedrec.utilities import registry
-from fedrec.utilities.config import ConfigError
 
 
 @registry.load("fl_algo", "hier_favg")
@@ -92,13 +91,6 @@ def edge_cohort_size(per_round: int, members: int, num_workers: int) -> int:
     return max(1, min(members, round(per_round * members / num_workers)))
 
 
-def _make(runner: Any, **kwargs: Any) -> FederatedWorker:
-    try:
-        return runner.algorithm(**kwargs, **runner.algorithm_kwargs)
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"fl.fl_algo {runner.fl.fl_algo.get('name')!r}: {err}") from None
-
-
 def build_workers(runner: Any, topology: HierarchicalTopology, runtime: Any,
                   storage: Optional[str] = None) -> Tuple[FederatedWorker, List[FederatedWorker]]:
     """The cloud and the edge aggregators, their roles checked against their positions."""
@@ -106,7 +98,7 @@ def build_workers(runner: Any, topology: HierarchicalTopology, runtime: Any,
     sizes = np.asarray(runner.partition.sizes, dtype=np.int64)
     n, edges = fl.num_workers, topology.edges
     edge_sizes = [int(sizes[topology.clients_of(e)].sum()) for e in range(edges)]
-    cloud = _make(runner, worker_index=topology.cloud_id, roles=["aggregator"],
+    cloud = make_worker(runner, worker_index=topology.cloud_id, roles=["aggregator"],
                   in_neighbours=NeighbourTable(range(n, n + edges), edge_sizes), runtime=runtime,
                   client_num_per_round=edges, persistent_storage=storage)
     cloud.role = "aggregator"
@@ -114,7 +106,7 @@ def build_workers(runner: Any, topology: HierarchicalTopology, runtime: Any,
     out = []
     for e in range(edges):
         members = topology.clients_of(e)
-        edge = _make(runner, worker_index=topology.edge_id(e), roles=["aggregator"],
+        edge = make_worker(runner, worker_index=topology.edge_id(e), roles=["aggregator"],
                      in_neighbours=NeighbourTable(members, sizes[members]),
                      out_neighbours=NeighbourTable([topology.cloud_id]), runtime=runtime,
                      client_num_per_round=edge_cohort_size(fl.client_num_per_round, len(members), n),

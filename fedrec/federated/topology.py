@@ -143,6 +143,15 @@ def suggest(topology: str) -> str:
             "graph": "fl_algo {name: gossip} or {name: dpsgd}"}.get(topology, "another fl_algo")
 
 
+def make_worker(runner: Any, **kwargs: Any) -> Any:
+    """One worker of ``fl.fl_algo`` at a position; the algorithm's own check of its
+    config keys (a bad server optimizer) becomes a one-line config error."""
+    try:
+        return runner.algorithm(**kwargs, **runner.algorithm_kwargs)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"fl.fl_algo {runner.fl.fl_algo.get('name')!r}: {err}") from None
+
+
 def check_worker_roles(worker: Any, position: str, where: str) -> None:
     """A built worker must hold every role its position needs (a user subclass may drop
     one): a clear error before round 1 instead of a failure inside a round."""
