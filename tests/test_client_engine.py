@@ -159,8 +159,9 @@ def test_lanes_on_several_threads_give_the_same_bits_as_one(config, model):
         rounds = {c: 1 for c in clients}
         trained = runner.engine.train(clients, rounds, start)
         # a job's small chunks train side by side, each on one thread
-        sums = list(runner.engine.map_chunks(lambda chunk: runner.engine.train_sum(chunk, rounds, start),
-                                             [clients[:4], clients[4:6], clients[6:]]))
+        sums = [part for chunk in runner.engine.map_chunks(
+            lambda chunk: runner.engine.train_sum(chunk, rounds, start),
+            [[(0, clients[:4])], [(1, clients[4:6])], [(2, clients[6:])]]) for part in chunk]
         results.append(({cid: (t.dense, t.rows, t.result) for cid, t in trained.items()}, sums))
     for other, other_sums in results[1:]:
         for cid, (dense, rows, result) in results[0][0].items():
@@ -175,9 +176,65 @@ def test_lanes_on_several_threads_give_the_same_bits_as_one(config, model):
                 assert torch.equal(rows.values, other_update.rows[name].values), name
 
 
-def test_chunks_stay_within_blocks_and_fit_the_budget(config):
-    """A batched matmul's floats can depend on how many clients it batches, so the engine
-    never batches across the fixed reduction blocks (the same for every backend)."""
+def _same_bits(alone, together):
+    """The clients of ``alone`` trained to the same bits in ``together``."""
+    for cid, mine in alone.items():
+        other = together[cid]
+        assert mine.result == other.result, cid
+        for name, value in mine.dense.items():
+            assert torch.equal(value, other.dense[name]), (cid, name)
+        for name, (ids, rows) in mine.rows.items():
+            assert torch.equal(ids, other.rows[name][0]) and torch.equal(rows, other.rows[name][1]), (cid, name)
+
+
+@pytest.mark.parametrize("model, fl, local_optimizer", [
+    # layer sizes whose clients' weights are not whole 64-byte runs, a batch of 20 (padded
+    # to 32), momentum
+    ({"arch_feature_emb_size": 3, "arch_mlp_bot": [13, 7, 3], "arch_mlp_top": [5, 1]},
+     {"local_batch_size": 20, "local_epochs": 2}, {"name": "sgd", "lr": 0.05, "momentum": 0.9}),
+    ({}, {"local_batch_size": 50, "embedding_updates": "sparse"}, {"name": "adam", "lr": 0.01}),
+])
+def test_a_clients_floats_do_not_depend_on_the_clients_batched_with_it(config, model, fl, local_optimizer):
+    """So a chunk may take several reduction blocks (and lanes clients of any block)
+    while every backend and process count still gets the same bits: the same clients
+    alone, in lanes of 1, 2 or many, with others before or after them."""
+    config["model"].update(model)
+    runner = _runner(config, local_optimizer=local_optimizer, **fl)
+    sizes = runner.partition.sizes
+    clients = [c for c in range(len(sizes)) if sizes[c] > 0]
+    start = {k: v.detach().clone() for k, v in runner.model.state_dict().items()}
+    rounds = {c: 0 for c in clients}
+    alone = runner.engine.train(clients[2:9], rounds, start)
+    assert len({r.result.num_steps for r in alone.values()}) > 1  # lanes shrink as clients finish
+    for micro, together in ((1, clients[2:9]), (2, clients[1:]), (64, clients[::-1])):
+        runner.engine.micro_clients = micro
+        _same_bits(alone, runner.engine.train(together, rounds, start))
+
+
+def test_packed_blocks_sum_as_each_block_alone(config):
+    """A chunk of several blocks' parts returns each part's sum with the bits that part
+    trained alone gives."""
+    runner = _runner(config, embedding_updates="sparse", local_epochs=2)
+    engine = runner.engine
+    clients = [c for c in range(len(runner.partition.sizes)) if runner.partition.sizes[c] > 0][:12]
+    blocks = [(0, clients[:5]), (1, clients[5:6]), (2, clients[6:])]
+    start = {k: v.detach().clone() for k, v in runner.model.state_dict().items()}
+    rounds = {c: 0 for c in clients}
+    chunks = engine.pack(blocks)
+    assert chunks == [blocks]  # all three fit the default budget: one chunk
+    together = engine.train_sum(chunks[0], rounds, start)
+    for part, (update, stats) in zip(blocks, together, strict=True):
+        [(alone, alone_stats)] = engine.train_sum([part], rounds, start)
+        assert sorted(s.client_id for s in stats) == sorted(part[1]) and stats == alone_stats
+        assert (update.weight, update.num_clients) == (alone.weight, alone.num_clients)
+        assert all(torch.equal(value, alone.dense[name]) for name, value in update.dense.items())
+        assert sorted(update.rows) == sorted(alone.rows)
+        for name, rows in update.rows.items():
+            assert torch.equal(rows.ids, alone.rows[name].ids) and torch.equal(rows.values, alone.rows[name].values)
+            assert torch.equal(rows.row_weight, alone.rows[name].row_weight)
+
+
+def test_chunks_cut_blocks_within_the_budget_and_pack_them(config):
     runner = _runner(config, local_epochs=2)
     engine = runner.engine
     clients = list(range(20))
@@ -188,6 +245,19 @@ def test_chunks_stay_within_blocks_and_fit_the_budget(config):
     assert [c for chunk in chunks for c in chunk] == clients and len(chunks) > 1
     for chunk in chunks:
         assert sum(engine.client_bytes(engine._steps_of(c)) for c in chunk) <= engine.budget
+    # a block's pieces are cut as if it were alone; pieces of several blocks share chunks
+    blocks = [(0, clients[:1]), (1, clients[1:2]), (2, clients[2:])]
+    packed = engine.pack(blocks)
+    assert [part for chunk in packed for part in chunk] == [(b, p) for b, block in blocks
+                                                            for p in engine.chunks(block)]
+    assert packed[0][:2] == blocks[:2]  # two small blocks share a chunk
+    for chunk in packed:
+        assert engine._bytes_of(chunk) <= engine.budget
+    # the torch.func path trains one part at a time (vmap's gradients are not aligned)
+    config["model"] = {"name": "test_wide_and_deep", "dim": 4, "preproc": config["model"]["preproc"]}
+    engine = _runner(config).engine
+    assert engine.forward.name == "torch.func"
+    assert engine.pack([(0, [0, 1]), (1, [2])]) == [[(0, [0, 1])], [(1, [2])]]
 
 
 def _simulate(config, logdir):
@@ -282,7 +352,7 @@ def test_simulate_cli_runs_the_engine_and_refuses_a_misfit_in_one_line(config, t
     status, _, err = cli(capsys, "simulate", "--config", path, "--logdir", tmp_path / "run")
     assert status == 0, err
     log = (tmp_path / "run" / "run.log").read_text()
-    assert "client engine: vectorized (dlrm path; blocks of up to 1,024 MiB, SGD local steps; uploads summed" in log
+    assert "client engine: vectorized (dlrm path; chunks of up to 1,024 MiB, SGD local steps; uploads summed" in log
     config["fl"].update({"client_engine": "vectorized", "fl_algo": {"name": "scaffold"}})
     (tmp_path / "refused").mkdir()
     line = assert_simulate_refuses(config, tmp_path / "refused", capsys,

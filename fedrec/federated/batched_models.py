@@ -28,6 +28,22 @@ from torch import Tensor, nn
 # gradient of each lookup [K, B, T, d])
 StepGrads = Tuple[Tensor, Dict[str, Tensor], Tensor]
 
+#: floats in 64 bytes: each client's slice of a stacked weight and of its gradient starts
+#: on such a boundary. BLAS kernels peel unaligned edges off a matrix and sum them apart,
+#: so a client's matmul results would otherwise depend on where in the stack it sits
+#: (measured: a 3 x 13 weight gradient rounds differently at odd offsets).
+CLIENT_ALIGN = 16
+
+
+def client_stacked(k: int, shape: Tuple[int, ...], like: Tensor) -> Tensor:
+    """An uninitialised ``[k, *shape]`` tensor whose clients each start on a 64-byte
+    boundary (contiguous when a client's size is a multiple of :data:`CLIENT_ALIGN`)."""
+    size = 1
+    for extent in shape:
+        size *= int(extent)
+    stride = -(-size // CLIENT_ALIGN) * CLIENT_ALIGN
+    return like.new_empty((k, stride))[:, :size].view((k,) + tuple(shape))
+
 
 def per_sample_loss(model: nn.Module):
     """``fn(probs, labels) -> [..]`` each sample's loss term, or None when the model's loss
@@ -38,9 +54,15 @@ def per_sample_loss(model: nn.Module):
 
 
 class BatchedDLRM:
-    """:class:`~fedrec.modules.dlrm.DLRM_Net`'s forward and backward for stacked weights."""
+    """:class:`~fedrec.modules.dlrm.DLRM_Net`'s forward and backward for stacked weights.
+
+    A client's floats do not depend on the clients batched with it (its lane, its chunk)
+    when its weights are :func:`client_stacked` and its batch is a multiple of 32 samples
+    (the engine's layout): each kernel then sees the same aligned runs of its numbers."""
 
     name = "dlrm"
+    #: the engine may batch clients of different reduction blocks together
+    batch_independent = True
 
     def for_another_thread(self) -> "BatchedDLRM":
         """Itself: a step reads the model's constants only, so threads can share it."""
@@ -138,7 +160,9 @@ def _backward_mlp(plan: List[Tuple[str, str]], params: Dict[str, Tensor], trace:
     """The gradient of the MLP's input; each layer's weight and bias gradients into ``grads``."""
     for (kind, name), (x, y) in zip(reversed(plan), reversed(trace)):
         if kind == "linear":
-            grads[f"{name}.weight"] = torch.bmm(grad.transpose(1, 2), x)
+            weight = params[f"{name}.weight"]
+            grads[f"{name}.weight"] = torch.bmm(grad.transpose(1, 2), x,
+                                                out=client_stacked(weight.shape[0], weight.shape[1:], weight))
             grads[f"{name}.bias"] = grad.sum(dim=1)
             grad = torch.bmm(grad, params[f"{name}.weight"])
         elif kind == "relu":  # (autograd's own fused kernels: one pass, no mask tensor)
@@ -177,6 +201,9 @@ class FuncBatched:
     """Any DLRM-interface model, vmapped over clients with ``torch.func``."""
 
     name = "torch.func"
+    #: ``vmap`` allocates the gradients itself, unaligned: a client's floats can depend on
+    #: its position in the batch, so the engine batches one reduction block at a time
+    batch_independent = False
 
     def for_another_thread(self) -> "FuncBatched":
         """A copy around a copy of the model: ``functional_call`` swaps the module's

@@ -1,4 +1,4 @@
-"""The vectorized client engine: a block of clients' local training as one computation.
+"""The vectorized client engine: a chunk of clients' local training as one computation.
 
 The sequential engine trains the round's clients one after another on one replica, so a
 round costs its clients' steps times the per-step overhead of a small batch (Python,
@@ -19,6 +19,14 @@ What it produces per client (its trained dense weights and rows, and its
 training; every client's ``client_update``, postprocessors, state store and byte
 accounting then run exactly as before, so aggregation, MPI and the algorithms above do
 not change. :func:`choose` decides once per run, with a line for the run log.
+
+A chunk is what fits ``fl.vectorize_memory_mb``: on the CPU with the DLRM path, several of
+a process's reduction blocks at once (:meth:`VectorizedEngine.pack`). That keeps every
+backend's bits the same because a client's floats do not depend on the clients trained
+with it: its batch is padded to :data:`BATCH_ALIGN` samples, its stacked weights and
+their gradients start on 64-byte boundaries (``batched_models.client_stacked``), and a
+client left alone in its lane is paired with a copy of itself (:func:`_step`); each
+block's sum is then taken over its own clients only.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fedrec.federated.batched_models import client_stacked
 from fedrec.federated.cohort import _ID_BITS, Cohort, build_cohort, client_visits
 from fedrec.federated.stacked_optim import OptimizerSpec, StackedOptimizer, spec_of
 from fedrec.federated.update import RowSubset, RowUpdate, WeightedUpdate, gather_rows
@@ -42,6 +51,16 @@ from fedrec.utilities.random_state import derive_seed
 from fedrec.utilities.threads import torch_threads
 
 MIB = 1 << 20
+#: a client's batch is padded to a multiple of this many samples, so that every per-sample
+#: tensor of a step gives each client a whole number of 32-float runs: CPU elementwise
+#: kernels take a vector path for full runs and a scalar one for a tensor's tail, and some
+#: (``sigmoid``, ``binary_cross_entropy``) round the two differently; aligned, a client's
+#: elements take the vector path whoever it is batched with (AVX-512 steps 32 floats,
+#: AVX2 16)
+BATCH_ALIGN = 32
+
+#: one part of a chunk: (reduction block, clients), a piece of a block cut by the budget
+Part = Tuple[int, List[int]]
 
 
 @dataclasses.dataclass
@@ -67,7 +86,7 @@ def choose(runner: Any) -> Tuple[Optional["VectorizedEngine"], str]:
         engine = VectorizedEngine(runner, forward)
         sums = ("uploads summed per block" if engine.sums_uploads else
                 f"uploads client by client: {engine.per_client_reason}")
-        return engine, (f"client engine: vectorized ({forward.name} path; blocks of up to "
+        return engine, (f"client engine: vectorized ({forward.name} path; chunks of up to "
                         f"{runner.fl.vectorize_memory_mb:,} MiB, {engine.spec.kind} local steps; {sums})")
     if setting == "vectorized":
         raise VectorizationError(f"fl.client_engine: vectorized cannot run this config: {reason}; "
@@ -188,7 +207,8 @@ class VectorizedEngine:
         #: clients trained in one forward/backward: about 4 MiB of activations, which
         #: stays in this machine's caches (measured: 8-16 demo clients of 32 samples train
         #: at 5-6 us a sample, 100 at once at 12)
-        self.micro_clients = max(1, (4 * MIB) // (self.fl.local_batch_size * self._activation_bytes_per_sample()))
+        self.batch = -(-int(self.fl.local_batch_size) // BATCH_ALIGN) * BATCH_ALIGN  # padded (BATCH_ALIGN)
+        self.micro_clients = max(1, (4 * MIB) // (self.batch * self._activation_bytes_per_sample()))
         self.prox_mu = proximal_mu(runner.algorithm, self.fl) or 0.0  # FedProx's term (0: none)
         self.per_client_reason = _per_client_reason(runner)
         self.sums_uploads = self.per_client_reason is None
@@ -202,7 +222,7 @@ class VectorizedEngine:
         """An upper bound of the memory a client of ``steps`` steps adds to a chunk: its
         batches (features, ids, block positions and their staging), its rows (with
         optimizer state and gradients), its stacked parameters and its activations."""
-        batch, tables = self.fl.local_batch_size, len(self.table_names)
+        batch, tables = self.batch, len(self.table_names)
         spec = self.spec
         state = 4 * (1 + spec.state_elements)  # the value and its optimizer state
         data = steps * batch * (4 * self.num_dense + 8 * tables * 3 + 16)
@@ -237,31 +257,52 @@ class VectorizedEngine:
             out.append(current)
         return out
 
-    def map_chunks(self, work: Callable[[List[int]], Any], chunks: Sequence[List[int]]) -> Iterator[Any]:
+    def pack(self, blocks: Sequence[Tuple[int, Sequence[int]]]) -> List[List[Part]]:
+        """A job's reduction blocks as chunks to train: each block cut by :meth:`chunks`
+        into parts, consecutive parts packed together within the budget. A client's floats
+        do not depend on the clients it trains with (:class:`BatchedDLRM`'s alignment), so
+        a chunk may take several blocks, and lanes of clients with similar step counts,
+        whichever blocks (and MPI processes) they belong to: the parts, cut within their
+        block, are the same whatever the backend, and so are their sums. Forwards that
+        cannot promise this (``torch.func``'s), and accelerators (whose batched matmuls
+        pick their algorithm by the batch's size), train one part at a time."""
+        parts = [(int(b), piece) for b, clients in blocks for piece in self.chunks([int(c) for c in clients])]
+        if self.device.type != "cpu" or not getattr(self.forward, "batch_independent", False):
+            return [[part] for part in parts]
+        return self._grouped(parts)
+
+    def _grouped(self, parts: Sequence[Any], most: Optional[int] = None) -> List[List[Any]]:
+        """Consecutive ``parts`` (each a part or a chunk of parts) grouped within the
+        budget, at most ``most`` to a group."""
+        groups: List[List[Any]] = []
+        used = 0
+        for part in parts:
+            need = self._bytes_of(part)
+            if not groups or used + need > self.budget or (most is not None and len(groups[-1]) >= most):
+                groups.append([])
+                used = 0
+            groups[-1].append(part)
+            used += need
+        return groups
+
+    def _bytes_of(self, chunk: Any) -> int:
+        """The memory bound of a part ``(block, clients)`` or of a chunk (a list of parts)."""
+        if isinstance(chunk, tuple):
+            return sum(self.client_bytes(self._steps_of(c)) for c in chunk[1])
+        return sum(self._bytes_of(part) for part in chunk)
+
+    def map_chunks(self, work: Callable[[List[Part]], Any], chunks: Sequence[List[Part]]) -> Iterator[Any]:
         """``work(chunk)`` for each chunk, in order. Several chunks (up to
         ``fl.client_threads``, together within ``fl.vectorize_memory_mb``) train at once,
-        each on one thread, when a job has many small chunks (one per reduction block,
-        say); a chunk's floats are the same on whichever thread it runs."""
+        each on one thread, when a job has many small chunks (a torch.func model's, one
+        per reduction block); a chunk's floats are the same on whichever thread it runs."""
         threads = self._threads_here()
         if threads <= 1 or len(chunks) <= 1:
             yield from (work(chunk) for chunk in chunks)
             return
-        for wave in self._waves(chunks, threads):
+        for wave in self._grouped(chunks, most=threads):
             # alone, a chunk's own lanes share the threads; several: a thread each
             yield from self._side_by_side([functools.partial(work, chunk) for chunk in wave])
-
-    def _waves(self, chunks: Sequence[List[int]], threads: int) -> List[List[List[int]]]:
-        """Consecutive chunks grouped: at most ``threads`` of them, within the budget."""
-        waves: List[List[List[int]]] = []
-        used = 0
-        for chunk in chunks:
-            need = sum(self.client_bytes(self._steps_of(c)) for c in chunk)
-            if not waves or used + need > self.budget or len(waves[-1]) >= threads:
-                waves.append([])  # a new wave for this chunk
-                used = 0
-            waves[-1].append(chunk)
-            used += need
-        return waves
 
     def _steps_of(self, cid: int) -> int:
         n = int(self.runner.partition.sizes[cid])
@@ -288,50 +329,61 @@ class VectorizedEngine:
             seed = derive_seed(runner.seed, round_of[cid], cid)
             loader = runner.trainer.client_loader(runner.partition.indices_of(cid), fl.local_batch_size, seed=seed)
             visits.append(client_visits(loader, fl))
-        cohort = build_cohort(self.split, visits, client_ids, fl.local_batch_size, len(self.table_names), self.device)
+        cohort = build_cohort(self.split, visits, client_ids, self.batch, len(self.table_names), self.device)
         params, table, start_rows = self._initial_weights(cohort, global_state, keep_start or bool(self.prox_mu))
         anchor = {n: global_state[n].to(self.device).unsqueeze(0) for n in params} if self.prox_mu else None
         losses = self._run(cohort, params, table, anchor, start_rows)
         return cohort, params, table, start_rows, losses
 
-    def train_sum(self, client_ids: Sequence[int], round_of: Dict[int, int],
-                  global_state: Dict[str, Any]) -> Tuple[WeightedUpdate, List[Any]]:
-        """Train ``client_ids`` and return what their FedAvg uploads add up to, with each
-        client's ``ClientStats`` (only when :attr:`sums_uploads`).
+    def train_sum(self, parts: Sequence[Part], round_of: Dict[int, int],
+                  global_state: Dict[str, Any]) -> List[Tuple[WeightedUpdate, List[Any]]]:
+        """Train the clients of ``parts`` (a chunk of :meth:`pack`) together and return,
+        per part, what its clients' FedAvg uploads add up to, with each client's
+        ``ClientStats`` (only when :attr:`sums_uploads`).
 
-        The sum is ``sum_k n_k * (trained_k - start)``: MLPs whole, tables as rows (a dense
-        table scattered into zeros where the runner sends tables whole), the row weights
-        those of the clients that read each row; the same values and bytes as the clients'
-        own uploads, added up per block instead of client by client.
+        A part's sum is ``sum_k n_k * (trained_k - start)``: MLPs whole, tables as rows (a
+        dense table scattered into zeros where the runner sends tables whole), the row
+        weights those of the clients that read each row; the same values and bytes as the
+        clients' own uploads, added up per part instead of client by client. It depends on
+        the part's clients only: they are added in engine order (most steps first, then
+        by id), whatever else the chunk holds.
         """
         with torch_threads(1):  # see _run: one intra-op thread, whatever thread runs it
-            return self._train_sum(client_ids, round_of, global_state)
+            return self._train_sum(parts, round_of, global_state)
 
-    def _train_sum(self, client_ids: Sequence[int], round_of: Dict[int, int],
-                   global_state: Dict[str, Any]) -> Tuple[WeightedUpdate, List[Any]]:
+    def _train_sum(self, parts: Sequence[Part], round_of: Dict[int, int],
+                   global_state: Dict[str, Any]) -> List[Tuple[WeightedUpdate, List[Any]]]:
         from fedrec.federated.client_runner import ClientStats
 
-        runner = self.runner
+        runner, tables = self.runner, len(self.table_names)
+        client_ids = [int(c) for _, clients in parts for c in clients]
         cohort, params, table, start_rows, losses = self._train_stacked(client_ids, round_of, global_state,
                                                                         keep_start=True)
+        part_of = {int(c): p for p, (_, clients) in enumerate(parts) for c in clients}
+        client_part = np.array([part_of[c] for c in cohort.client_ids], dtype=np.int64)  # engine order
+        members = [torch.from_numpy(np.flatnonzero(client_part == p)) for p in range(len(parts))]
+        if len(parts) * tables >= 1 << (63 - _ID_BITS):
+            raise VectorizationError(f"a chunk of {len(parts):,} parts of {tables} tables is more than the "
+                                     "engine's row keys hold; lower fl.vectorize_memory_mb")
         sizes = [float(runner.partition.sizes[c]) for c in cohort.client_ids]
         weight = torch.tensor(sizes, dtype=torch.float32, device=self.device)
-        update = WeightedUpdate(weight=float(sum(float(runner.partition.sizes[c]) for c in sorted(client_ids))),
-                                num_clients=len(client_ids))
-        # every row of the block table: its client's weight, its delta; summed per
-        # (table, id) a group of tables per thread, each row's deltas added in client
-        # order (the group's rows keep it within a table), as the clients' own sum does
+        # every row of the block table: its client's weight, its delta; summed per (part,
+        # table, id) a group of tables per thread, each row's deltas added in engine order
+        # (the group's rows keep it within a table), as the part's clients' own sum does
         row_client = torch.repeat_interleave(torch.arange(cohort.num_clients),
                                              torch.from_numpy(cohort.segment[:, -1] - cohort.segment[:, 0]))
         row_weight = weight[row_client.to(self.device)]
-        keys = (cohort.row_table << _ID_BITS) | cohort.row_ids
+        row_part = torch.from_numpy(client_part)[row_client]
+        keys = ((row_part * tables + cohort.row_table) << _ID_BITS) | cohort.row_ids
 
-        def mlp_sums() -> Dict[str, Tensor]:
+        def mlp_sums(p: int) -> Dict[str, Tensor]:
+            where = members[p].to(self.device)
+            part_weight = weight.index_select(0, where)
             sums = {}
             for name in runner.whole_names:
                 if name in params:
-                    delta = params[name] - global_state[name].to(self.device).unsqueeze(0)
-                    sums[name] = (delta * weight.view((-1,) + (1,) * (delta.dim() - 1))).sum(dim=0)
+                    delta = params[name].index_select(0, where) - global_state[name].to(self.device).unsqueeze(0)
+                    sums[name] = (delta * part_weight.view((-1,) + (1,) * (delta.dim() - 1))).sum(dim=0)
             return sums
 
         def row_sums(group: Tuple[int, int, Tensor, np.ndarray]) -> Tuple[Tensor, Tensor, Tensor]:
@@ -345,28 +397,38 @@ class VectorizedEngine:
             weights.index_add_(0, inverse, row_weight.double().cpu()[group[2]])
             return unique, values, weights
 
-        sums = self._side_by_side([mlp_sums] + [functools.partial(row_sums, g) for g in self._table_groups(cohort)])
-        update.dense.update(sums[0])
-        unique = torch.cat([part[0] for part in sums[1:]])
-        values = torch.cat([part[1] for part in sums[1:]])
-        weights = torch.cat([part[2] for part in sums[1:]])
-        bounds = torch.searchsorted(unique, torch.arange(len(self.table_names) + 1) << _ID_BITS).tolist()
-        for t, name in enumerate(self.table_names):
-            lo, hi = bounds[t], bounds[t + 1]
-            ids = unique[lo:hi] & ((1 << _ID_BITS) - 1)
-            if name in runner.whole_names:  # dense updates on the full-table path: the table whole
-                full = torch.zeros_like(runner.replica[name], device=self.device)
-                update.dense[name] = full.index_add_(0, ids.to(self.device), values[lo:hi])
-            else:
-                update.rows[name] = RowUpdate(ids, values[lo:hi].clone(), weights[lo:hi].clone())
+        groups = self._table_groups(cohort)
+        sums = self._side_by_side([functools.partial(mlp_sums, p) for p in range(len(parts))]
+                                  + [functools.partial(row_sums, g) for g in groups])
+        row_parts = sums[len(parts):]
+        unique = torch.cat([part[0] for part in row_parts])
+        order = torch.argsort(unique, stable=True)  # the groups' keys, part by part
+        unique = unique[order]
+        values = torch.cat([part[1] for part in row_parts])[order.to(self.device)]
+        weights = torch.cat([part[2] for part in row_parts])[order]
+        bounds = torch.searchsorted(unique, torch.arange(len(parts) * tables + 1) << _ID_BITS).tolist()
         # bytes as each client's own download and upload count them (ClientRunner)
         rows = (cohort.segment[:, -1] - cohort.segment[:, 0]) * (8 + self.dim * runner.fl.value_bytes)
         traffic = (runner.dense_bytes + (rows if runner.sparse_mode else 0 * rows)).tolist()
         samples = cohort.counts.sum(dim=0).tolist()
-        stats = [ClientStats(cid, int(runner.partition.sizes[cid]), int(samples[k]), int(cohort.steps[k]),
-                             float(losses[k]), int(traffic[k]), int(traffic[k]))
-                 for k, cid in enumerate(cohort.client_ids)]
-        return update, stats
+        out = []
+        for p, (_, clients) in enumerate(parts):
+            update = WeightedUpdate(weight=float(sum(float(runner.partition.sizes[c]) for c in sorted(clients))),
+                                    num_clients=len(clients))
+            update.dense.update(sums[p])
+            for t, name in enumerate(self.table_names):
+                lo, hi = bounds[p * tables + t], bounds[p * tables + t + 1]
+                ids = unique[lo:hi] & ((1 << _ID_BITS) - 1)
+                if name in runner.whole_names:  # dense updates on the full-table path: the table whole
+                    full = torch.zeros_like(runner.replica[name], device=self.device)
+                    update.dense[name] = full.index_add_(0, ids.to(self.device), values[lo:hi])
+                else:
+                    update.rows[name] = RowUpdate(ids, values[lo:hi].clone(), weights[lo:hi].clone())
+            stats = [ClientStats(cohort.client_ids[k], int(runner.partition.sizes[cohort.client_ids[k]]),
+                                 int(samples[k]), int(cohort.steps[k]), float(losses[k]), int(traffic[k]),
+                                 int(traffic[k])) for k in members[p].tolist()]
+            out.append((update, stats))
+        return out
 
     def _initial_weights(self, cohort: Cohort, global_state: Dict[str, Any],
                          keep_start: bool) -> Tuple[Dict[str, Tensor], Tensor, Optional[Tensor]]:
@@ -381,8 +443,8 @@ class VectorizedEngine:
         def stack() -> None:
             for name in self.param_names:
                 value = global_state[name].to(self.device)
-                # a copy per client (never a view of the global weights, even when k == 1)
-                params[name] = value.unsqueeze(0).repeat((k,) + (1,) * value.dim())
+                # a copy per client (never a view of the global weights), each aligned
+                params[name] = client_stacked(k, tuple(value.shape), table).copy_(value.unsqueeze(0))
 
         def gather(group: Tuple[int, int, Tensor, np.ndarray]) -> None:
             first, stop, order, bounds = group
@@ -512,7 +574,7 @@ class VectorizedEngine:
             dense, positions, label, weight = cohort.batch(s, a, b)  # positions [k, B, T]
             lookups = table.index_select(0, positions.reshape(-1)).view(b - a, -1, tables, self.dim)
             weights = {n: params[n][a:b] for n in names}
-            step_losses, grads, lookup_grads = forward.step(weights, lookups, dense, label, weight)
+            step_losses, grads, lookup_grads = _step(forward, weights, lookups, dense, label, weight)
             row_term = None
             if mu:  # FedProx: + mu (w - start), on the MLPs and on every row the clients read
                 grads = {n: grads[n].add(weights[n] - anchor[n], alpha=mu) for n in names}
@@ -534,3 +596,20 @@ class VectorizedEngine:
             result = LocalTrainResult(int(counts[k]), int(cohort.steps[k]), float(losses[k]))
             out[cid] = TrainedClient({n: params[n][k] for n in params}, rows, result)
         return out
+
+
+def _step(forward: Any, weights: Dict[str, Tensor], lookups: Tensor, dense: Tensor, label: Tensor,
+          weight: Tensor) -> Tuple[Tensor, Dict[str, Tensor], Tensor]:
+    """``forward.step``, a lone client paired with a copy of itself: a batched matmul of
+    one matrix-vector product goes to BLAS's gemv, whose sums round differently from the
+    batched gemm that two or more clients take, so a client's floats would depend on
+    whether its lane still had company at that step."""
+    if dense.shape[0] != 1:
+        return forward.step(weights, lookups, dense, label, weight)
+
+    def pair(tensor: Tensor) -> Tensor:
+        return torch.cat((tensor, tensor))
+
+    losses, grads, lookup_grads = forward.step({n: pair(w) for n, w in weights.items()}, pair(lookups),
+                                               pair(dense), pair(label), pair(weight))
+    return losses[:1], {n: g[:1] for n, g in grads.items()}, lookup_grads[:1]

@@ -381,33 +381,29 @@ class ClientRunner:
         return result
 
     def _run_job_summed(self, job: RoundJob, result: JobResult) -> JobResult:
-        """The vectorized engine's FedAvg uploads, summed chunk by chunk within each block."""
+        """The vectorized engine's FedAvg uploads: each part of a block summed by the
+        engine, a block's parts added in order."""
         rounds = self._client_rounds(job)
-        chunks = [self.engine.chunks([int(c) for c in clients]) for _, clients in job.blocks]
+        chunks = self.engine.pack([(b, [int(c) for c in clients]) for b, clients in job.blocks])
         summed = self.engine.map_chunks(lambda chunk: self._engine_call(self.engine.train_sum, chunk, rounds, job),
-                                        [chunk for block_chunks in chunks for chunk in block_chunks])
-        for (block_index, _), block_chunks in zip(job.blocks, chunks):
-            block = WeightedUpdate()
-            for _chunk in block_chunks:
-                update, stats = next(summed)
-                block.add_(update)
+                                        chunks)
+        blocks: Dict[int, WeightedUpdate] = {}
+        for chunk, part_sums in zip(chunks, summed):
+            for (block_index, _), (update, stats) in zip(chunk, part_sums, strict=True):
+                blocks.setdefault(block_index, WeightedUpdate()).add_(update)
                 result.stats.extend(stats)
-            result.block_updates.append((block_index, block))
+        result.block_updates.extend((b, blocks.get(b, WeightedUpdate())) for b, _ in job.blocks)
         return result
 
     def _engine_chunks(self, job: RoundJob):
-        """With the vectorized engine: each block's clients trained chunk by chunk, each
-        chunk as big as ``fl.vectorize_memory_mb`` allows. Chunks never span blocks: some
-        CPU kernels (``sigmoid``, for one) round a value differently depending on the
-        tensor's size, so a client's floats can depend on how many clients it is batched
-        with, and the blocks are the same whatever the backend or the number of MPI
-        processes, so the results are too."""
+        """With the vectorized engine: the job's clients trained chunk by chunk (the
+        engine's :meth:`~VectorizedEngine.pack`), in block and client order."""
         if self.engine is None:
             return None
         rounds = self._client_rounds(job)
-        return self.engine.map_chunks(lambda chunk: self._engine_call(self.engine.train, chunk, rounds, job),
-                                      [chunk for _, block in job.blocks for chunk in self.engine.chunks(
-                                          [int(c) for c in block])])
+        return self.engine.map_chunks(
+            lambda chunk: self._engine_call(self.engine.train, [c for _, part in chunk for c in part], rounds, job),
+            self.engine.pack([(b, [int(c) for c in clients]) for b, clients in job.blocks]))
 
     @staticmethod
     def _client_rounds(job: RoundJob) -> Dict[int, int]:
@@ -415,12 +411,14 @@ class ClientRunner:
         return {int(c): job.context.client_rounds.get(c, job.round_idx) for _, block in job.blocks for c in block}
 
     @staticmethod
-    def _engine_call(method: Callable, chunk: List[int], rounds: Dict[int, int], job: RoundJob) -> Any:
-        """The vectorized engine's work on ``chunk``; a failure names the round and clients."""
+    def _engine_call(method: Callable, chunk: List[Any], rounds: Dict[int, int], job: RoundJob) -> Any:
+        """The vectorized engine's work on ``chunk`` (client ids, or parts ``(block,
+        clients)``); a failure names the round and clients."""
         try:
             return method(chunk, rounds, job.global_state)
         except Exception as err:
-            raise ClientError(f"round {job.round_idx}, clients {chunk[0]}-{chunk[-1]} (vectorized engine): "
+            ids = [c for part in chunk for c in part[1]] if isinstance(chunk[0], tuple) else chunk
+            raise ClientError(f"round {job.round_idx}, clients {ids[0]}-{ids[-1]} (vectorized engine): "
                               f"{type(err).__name__}: {err}") from err
 
     def client_context(self, cid: int, job: RoundJob) -> ClientContext:
