@@ -12,8 +12,9 @@ Prints JSON lines:
   the compute floor, rounds of the two simulations and the floor alternated in one
   process: the demo DLRM with 1 and 5 local epochs, dense and sparse updates, and the
   Kaggle-sized DLRM (13-512-256-64-16, 512-256-1, 26 hashed tables of 10,000 rows) in
-  sparse mode; each with the default 12 reduction blocks and with one (the engine
-  batches within a block); ``--threads`` sets both the floor's and the simulations'
+  sparse mode; each with the default 12 reduction blocks and with one (on the CPU a
+  chunk packs a process's blocks; the torch.func path and a GPU batch one block at a
+  time); ``--threads`` sets both the floor's and the simulations'
   (``fl.client_threads``) torch threads; ``--device cuda:0`` runs the simulations on a GPU
   (``train.config.devices``; the floor stays the CPU's, so compare seconds per round with
   a CPU run of the same settings). Also the achieved GFLOP/s of the matmuls (counted with

@@ -128,6 +128,11 @@ def test_an_assignment_file_with_a_gap_in_its_edge_ids_names_the_file(tmp_path):
         HierarchicalTopology(assignment_file=str(path)).build(4)
     assert str(err.value) == (f"fl.topology.assignment_file {path}: edge(s) [1, 2] have no client "
                               "(edges are numbered 0..3 without gaps)")
+    # num_edges promises more edges than the file names: those are empty, not dropped
+    path.write_text("".join(f"{c},{c % 2}\n" for c in range(4)))
+    with pytest.raises(ConfigError) as err:
+        HierarchicalTopology(num_edges=3, assignment_file=str(path)).build(4)
+    assert str(err.value).startswith(f"fl.topology.assignment_file {path}: edge(s) [2] have no client")
 
 
 # -- graphs --------------------------------------------------------------------------------------
@@ -286,6 +291,9 @@ def test_a_worker_without_the_role_its_position_needs(config, tmp_path, capsys):
     ({"name": "graph", "kind": "k_regular", "seed": -1}, "gossip", "config key 'seed' expects int, got -1"),
     ({"name": "hierarchical", "num_edges": 2, "assign": "random", "seed": -3}, "hier_favg",
      "config key 'seed' expects int, got -3"),
+    # a key its kind would ignore
+    ({"name": "graph", "kind": "ring", "degree": 6}, "gossip", "fl.topology.degree applies to kind: k_regular only"),
+    ({"name": "graph", "kind": "k_regular", "p": 0.1}, "gossip", "fl.topology.p applies to kind: erdos_renyi only"),
 ])
 def test_config_mistakes_are_one_line_errors(config, tmp_path, capsys, topology, algo, expected):
     config = copy.deepcopy(config)

@@ -199,7 +199,8 @@ class HierarchicalTopology(Topology):
             edge_of = assign_edges(num_workers, edges, self.assign, self.seed)
         self.edge_of = edge_of
         self.num_workers = num_workers
-        self.edges = int(edge_of.max()) + 1
+        # num_edges given with a file: edges the file never names are empty (an error below)
+        self.edges = max(int(edge_of.max()) + 1, self.num_edges or 0)
         empty = np.flatnonzero(np.bincount(edge_of, minlength=self.edges) == 0)
         if len(empty):
             where = f"fl.topology.assignment_file {self.assignment_file}" if self.assignment_file else "fl.topology"
@@ -304,12 +305,17 @@ class GraphTopology(Topology):
     positions = ("peer",)
 
     def __init__(self, kind: Literal["ring", "torus", "k_regular", "erdos_renyi", "file"] = "ring",
-                 degree: PositiveInt = 4, p: Optional[Annotated[float, pydantic.Field(gt=0, le=1)]] = None,
+                 degree: Optional[PositiveInt] = None,
+                 p: Optional[Annotated[float, pydantic.Field(gt=0, le=1)]] = None,
                  edge_list_file: Optional[str] = None, directed: bool = False, seed: Seed = 0,
                  placement: Literal["auto", "spectral", "rcm", "identity"] = "auto") -> None:
         if (kind == "file") != (edge_list_file is not None):
             raise ConfigError("fl.topology: kind: file needs edge_list_file, and edge_list_file needs kind: file")
-        self.kind, self.degree, self.p = kind, int(degree), p  # p: erdos_renyi (default 2 ln n / n)
+        for key, value, needs in (("degree", degree, "k_regular"), ("p", p, "erdos_renyi")):
+            if value is not None and kind != needs:  # a key that would be ignored
+                raise ConfigError(f"fl.topology.{key} applies to kind: {needs} only, not kind: {kind}")
+        # degree: k_regular (default 4); p: erdos_renyi (default 2 ln n / n)
+        self.kind, self.degree, self.p = kind, 4 if degree is None else int(degree), p
         self.edge_list_file, self.directed, self.seed = edge_list_file, bool(directed), int(seed)
         # the peers' order over MPI processes (fedrec.federated.placement): auto is the id
         # order for ring and torus, recursive spectral bisection otherwise; rcm: reverse
