@@ -17,8 +17,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m fedrec.demo --workdir runs/demo
 
+# The tests run on every core (pytest-xdist): nearly all of them are single-threaded.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 bench: $(STAMP)
 	$(PY) benchmarks/preprocess.py
