@@ -594,6 +594,28 @@ def test_temporal_cut_past_the_data_and_bad_split_counts_are_one_line_errors(tmp
             RatingsDataset.open(tmp_path / "out")
 
 
+def test_ids_outside_the_metadata_counts_are_one_line_errors(tmp_path):
+    """A processed folder whose ids do not fit its metadata (edited, or mixed from two
+    runs) is refused when the split is opened, naming the file, row and range."""
+    preprocess_ratings(_write(tmp_path, TEMPORAL), tmp_path / "out", MovieLensOptions())
+    meta = json.loads((tmp_path / "out" / "metadata.json").read_text())
+    assert RatingsDataset.open(tmp_path / "out").split("train")  # as written: fine
+    items = tmp_path / "out" / "val" / "item.npy"
+    values = np.load(items)
+    values[1] = meta["num_items"]
+    np.save(items, values)
+    with pytest.raises(DataError) as err:
+        RatingsDataset.open(tmp_path / "out").split("val")
+    assert str(err.value).startswith(f"{items}: row 1 holds item id {meta['num_items']}, outside "
+                                     f"0..{meta['num_items'] - 1} (metadata.json num_items {meta['num_items']})")
+    users = tmp_path / "out" / "test" / "user.npy"
+    values = np.load(users)
+    values[0] = -1
+    np.save(users, values)
+    with pytest.raises(DataError, match=r"user.npy: row 0 holds user id -1, outside 0\.\."):
+        RatingsDataset.open(tmp_path / "out").split("test")
+
+
 @pytest.mark.parametrize("options, message", [
     ({"split": "temporal"}, "exactly one of cut_fraction"),
     ({"split": "temporal", "cut_fraction": 0.5, "cut_timestamp": 3}, "exactly one of cut_fraction"),

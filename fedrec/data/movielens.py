@@ -497,6 +497,14 @@ class RatingsDataset:
                 raise DataError(f"{file}: expected {np.dtype(_DTYPES[column])} ({self.splits[name]},), found "
                                 f"{values.dtype} {values.shape}; {PREPROCESS_HINT}")
             columns[column] = values
+        for column, count in (("user", self.num_users), ("item", self.num_items)):
+            values = columns[column]
+            if len(values) and (int(values.min()) < 0 or int(values.max()) >= count):
+                # an id past the model's table would fail mid-round, or read another's row
+                bad = int(np.flatnonzero((values < 0) | (values >= count))[0])
+                raise DataError(f"{self.path / name / f'{column}.npy'}: row {bad} holds {column} id "
+                                f"{int(values[bad])}, outside 0..{count - 1} (metadata.json num_{column}s "
+                                f"{count}); {PREPROCESS_HINT}")
         self._splits[name] = RatingsSplit(name, columns)
         return self._splits[name]
 
