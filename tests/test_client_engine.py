@@ -188,10 +188,10 @@ def _same_bits(alone, together):
 
 
 @pytest.mark.parametrize("model, fl, local_optimizer", [
-    # layer sizes whose clients' weights are not whole 64-byte runs, a batch of 20 (padded
+    # layer sizes whose clients' weights are not whole 64-byte runs, a batch of 24 (padded
     # to 32), momentum
     ({"arch_feature_emb_size": 3, "arch_mlp_bot": [13, 7, 3], "arch_mlp_top": [5, 1]},
-     {"local_batch_size": 20, "local_epochs": 2}, {"name": "sgd", "lr": 0.05, "momentum": 0.9}),
+     {"local_batch_size": 24, "local_epochs": 2}, {"name": "sgd", "lr": 0.05, "momentum": 0.9}),
     ({}, {"local_batch_size": 50, "embedding_updates": "sparse"}, {"name": "adam", "lr": 0.01}),
 ])
 def test_a_clients_floats_do_not_depend_on_the_clients_batched_with_it(config, model, fl, local_optimizer):
@@ -200,6 +200,7 @@ def test_a_clients_floats_do_not_depend_on_the_clients_batched_with_it(config, m
     alone, in lanes of 1, 2 or many, with others before or after them."""
     config["model"].update(model)
     runner = _runner(config, local_optimizer=local_optimizer, **fl)
+    assert runner.engine.packs_blocks and runner.engine.batch == 32 * -(-fl["local_batch_size"] // 32)
     sizes = runner.partition.sizes
     clients = [c for c in range(len(sizes)) if sizes[c] > 0]
     start = {k: v.detach().clone() for k, v in runner.model.state_dict().items()}
@@ -214,7 +215,7 @@ def test_a_clients_floats_do_not_depend_on_the_clients_batched_with_it(config, m
 def test_packed_blocks_sum_as_each_block_alone(config):
     """A chunk of several blocks' parts returns each part's sum with the bits that part
     trained alone gives."""
-    runner = _runner(config, embedding_updates="sparse", local_epochs=2)
+    runner = _runner(config, embedding_updates="sparse", local_epochs=2, local_batch_size=32)
     engine = runner.engine
     clients = [c for c in range(len(runner.partition.sizes)) if runner.partition.sizes[c] > 0][:12]
     blocks = [(0, clients[:5]), (1, clients[5:6]), (2, clients[6:])]
@@ -235,7 +236,7 @@ def test_packed_blocks_sum_as_each_block_alone(config):
 
 
 def test_chunks_cut_blocks_within_the_budget_and_pack_them(config):
-    runner = _runner(config, local_epochs=2)
+    runner = _runner(config, local_epochs=2, local_batch_size=32)
     engine = runner.engine
     clients = list(range(20))
     assert engine.chunks(clients) == [clients]
@@ -253,7 +254,11 @@ def test_chunks_cut_blocks_within_the_budget_and_pack_them(config):
     assert packed[0][:2] == blocks[:2]  # two small blocks share a chunk
     for chunk in packed:
         assert engine._bytes_of(chunk) <= engine.budget
-    # the torch.func path trains one part at a time (vmap's gradients are not aligned)
+    # a batch that padding would swell by more than a third trains one part at a time
+    engine = _runner(config, local_batch_size=20).engine
+    assert not engine.packs_blocks and engine.batch == 20
+    assert engine.pack([(0, [0, 1]), (1, [2])]) == [[(0, [0, 1])], [(1, [2])]]
+    # so does the torch.func path (vmap's gradients are not aligned)
     config["model"] = {"name": "test_wide_and_deep", "dim": 4, "preproc": config["model"]["preproc"]}
     engine = _runner(config).engine
     assert engine.forward.name == "torch.func"
@@ -331,13 +336,13 @@ def test_a_memory_budget_too_small_for_one_client_names_the_size_it_needs(config
 
 @needs_mpi
 def test_vectorized_engine_under_mpi_gives_the_local_result(synthetic_data, tmp_path, threads=2):
-    """Each process trains its blocks' chunks; on two threads its lanes, chunks and table
-    groups run side by side (more chunks at once locally than in a process with fewer
-    blocks), and the result is still the local one bit for bit."""
+    """Each process packs the blocks it holds into chunks (the local backend all 12 into
+    one); on two threads lanes and table groups run side by side, and the result is still
+    the local one bit for bit."""
     from fedrec.federated.run import run_simulation
 
     config = _config(synthetic_data["config"], backend="local", num_rounds=2, client_engine="vectorized",
-                     embedding_updates="sparse", client_threads=threads)
+                     embedding_updates="sparse", client_threads=threads, local_batch_size=32)
     run_simulation(config, tmp_path / "local", print_rounds=False)
     config["fl"]["backend"] = "mpi"
     simulate(config, tmp_path / "mpi", processes=3)
@@ -347,12 +352,13 @@ def test_vectorized_engine_under_mpi_gives_the_local_result(synthetic_data, tmp_
 def test_simulate_cli_runs_the_engine_and_refuses_a_misfit_in_one_line(config, tmp_path, capsys):
     from tests.run_helpers import assert_simulate_refuses, cli, write_config
 
-    config["fl"].update({"num_rounds": 1, "client_engine": "auto", "reduce_blocks": 2})
+    config["fl"].update({"num_rounds": 1, "client_engine": "auto", "reduce_blocks": 2, "local_batch_size": 32})
     path = write_config(config, tmp_path / "vec.yml")
     status, _, err = cli(capsys, "simulate", "--config", path, "--logdir", tmp_path / "run")
     assert status == 0, err
     log = (tmp_path / "run" / "run.log").read_text()
-    assert "client engine: vectorized (dlrm path; chunks of up to 1,024 MiB, SGD local steps; uploads summed" in log
+    assert ("client engine: vectorized (dlrm path; chunks of up to 1,024 MiB of several reduction blocks, SGD "
+            "local steps; uploads summed") in log
     config["fl"].update({"client_engine": "vectorized", "fl_algo": {"name": "scaffold"}})
     (tmp_path / "refused").mkdir()
     line = assert_simulate_refuses(config, tmp_path / "refused", capsys,

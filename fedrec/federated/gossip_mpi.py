@@ -35,7 +35,7 @@ import numpy as np
 
 from fedrec.federated import mpi_backend
 from fedrec.federated.gossip import PartResult, PeerGroup, initial_path
-from fedrec.federated.mpi_backend import MPIProcessError, Packed, pack, unpack
+from fedrec.federated.mpi_backend import MPIProcessError, Packed, StoppedByAnotherTask, pack, unpack
 
 TAG_HELLO = 7310  # group k runs on this rank, this round
 TAG_MODELS = 7311  # packed boundary models (header; bytes on TAG + 1)
@@ -150,7 +150,7 @@ def MPI_waitall(requests: List[Any]) -> None:
     MPI.Request.Waitall(requests)
 
 
-class _Aborted(MPIProcessError):
+class _Aborted(StoppedByAnotherTask):
     """Another group failed; this one stops."""
 
 

@@ -70,6 +70,11 @@ class MPIProcessError(RuntimeError):
     """A client failed on an MPI process; names the rank, round and client."""
 
 
+class StoppedByAnotherTask(MPIProcessError):
+    """A task of :meth:`MPIBackend.run_on_every_process` that stopped because another
+    one failed: reported after that failure's own error, never in its place."""
+
+
 WorkerProcessError = MPIProcessError  # the name before "worker" was kept for simulated clients
 
 
@@ -416,7 +421,7 @@ class MPIBackend(Backend):
             except Exception as err:
                 errors.append(err)
         if errors:  # the first failure first; the others stopped because of it
-            errors.sort(key=lambda e: type(e).__name__ == "_Aborted")
+            errors.sort(key=lambda e: isinstance(e, StoppedByAnotherTask))
             raise MPIProcessError("; ".join(_describe(e) for e in errors[:1])) from errors[0]
         return results
 
