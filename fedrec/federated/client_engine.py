@@ -387,14 +387,17 @@ class VectorizedEngine:
         row_part = torch.from_numpy(client_part)[row_client]
         keys = ((row_part * tables + cohort.row_table) << _ID_BITS) | cohort.row_ids
 
-        def mlp_sums(p: int) -> Dict[str, Tensor]:
-            where = members[p].to(self.device)
-            part_weight = weight.index_select(0, where)
+        def mlp_sums() -> Dict[str, Tensor]:
+            """Each part's ``sum n_k (w_k - start)`` per MLP tensor ([parts, ...]): one
+            ``index_add_`` adds every part's clients in engine order, whatever else the
+            chunk holds."""
+            where = torch.from_numpy(client_part).to(self.device)
             sums = {}
             for name in runner.whole_names:
                 if name in params:
-                    delta = params[name].index_select(0, where) - global_state[name].to(self.device).unsqueeze(0)
-                    sums[name] = (delta * part_weight.view((-1,) + (1,) * (delta.dim() - 1))).sum(dim=0)
+                    delta = params[name] - global_state[name].to(self.device).unsqueeze(0)
+                    delta.mul_(weight.view((-1,) + (1,) * (delta.dim() - 1)))
+                    sums[name] = delta.new_zeros((len(parts),) + tuple(delta.shape[1:])).index_add_(0, where, delta)
             return sums
 
         def row_sums(group: Tuple[int, int, Tensor, np.ndarray]) -> Tuple[Tensor, Tensor, Tensor]:
@@ -409,15 +412,16 @@ class VectorizedEngine:
             return unique, values, weights
 
         groups = self._table_groups(cohort)
-        sums = self._side_by_side([functools.partial(mlp_sums, p) for p in range(len(parts))]
-                                  + [functools.partial(row_sums, g) for g in groups])
-        row_parts = sums[len(parts):]
-        unique = torch.cat([part[0] for part in row_parts])
+        sums = self._side_by_side([mlp_sums] + [functools.partial(row_sums, g) for g in groups])
+        unique = torch.cat([group[0] for group in sums[1:]])
         order = torch.argsort(unique, stable=True)  # the groups' keys, part by part
         unique = unique[order]
-        values = torch.cat([part[1] for part in row_parts])[order.to(self.device)]
-        weights = torch.cat([part[2] for part in row_parts])[order]
-        bounds = torch.searchsorted(unique, torch.arange(len(parts) * tables + 1) << _ID_BITS).tolist()
+        # (each (part, table)'s rows copied out: a view would carry the whole chunk's
+        # rows wherever the update is pickled to)
+        sizes = torch.diff(torch.searchsorted(unique, torch.arange(len(parts) * tables + 1) << _ID_BITS)).tolist()
+        ids = (unique & ((1 << _ID_BITS) - 1)).split(sizes)
+        values = torch.cat([group[1] for group in sums[1:]])[order.to(self.device)].split(sizes)
+        weights = torch.cat([group[2] for group in sums[1:]])[order].split(sizes)
         # bytes as each client's own download and upload count them (ClientRunner)
         rows = (cohort.segment[:, -1] - cohort.segment[:, 0]) * (8 + self.dim * runner.fl.value_bytes)
         traffic = (runner.dense_bytes + (rows if runner.sparse_mode else 0 * rows)).tolist()
@@ -426,15 +430,15 @@ class VectorizedEngine:
         for p, (_, clients) in enumerate(parts):
             update = WeightedUpdate(weight=float(sum(float(runner.partition.sizes[c]) for c in sorted(clients))),
                                     num_clients=len(clients))
-            update.dense.update(sums[p])
+            update.dense.update({name: part_sums[p] if len(parts) == 1 else part_sums[p].clone()
+                                 for name, part_sums in sums[0].items()})
             for t, name in enumerate(self.table_names):
-                lo, hi = bounds[p * tables + t], bounds[p * tables + t + 1]
-                ids = unique[lo:hi] & ((1 << _ID_BITS) - 1)
+                i = p * tables + t
                 if name in runner.whole_names:  # dense updates on the full-table path: the table whole
                     full = torch.zeros_like(runner.replica[name], device=self.device)
-                    update.dense[name] = full.index_add_(0, ids.to(self.device), values[lo:hi])
+                    update.dense[name] = full.index_add_(0, ids[i].to(self.device), values[i])
                 else:
-                    update.rows[name] = RowUpdate(ids, values[lo:hi].clone(), weights[lo:hi].clone())
+                    update.rows[name] = RowUpdate(ids[i].clone(), values[i].clone(), weights[i].clone())
             stats = [ClientStats(cohort.client_ids[k], int(runner.partition.sizes[cohort.client_ids[k]]),
                                  int(samples[k]), int(cohort.steps[k]), float(losses[k]), int(traffic[k]),
                                  int(traffic[k])) for k in members[p].tolist()]
