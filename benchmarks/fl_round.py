@@ -14,8 +14,8 @@ Prints JSON lines:
   Kaggle-sized DLRM (13-512-256-64-16, 512-256-1, 26 hashed tables of 10,000 rows) in
   sparse mode; each with the default 12 reduction blocks and with one (on the CPU a
   chunk packs a process's blocks; the torch.func path and a GPU batch one block at a
-  time); ``--threads`` sets both the floor's and the simulations'
-  (``fl.client_threads``) torch threads; ``--device cuda:0`` runs the simulations on a GPU
+  time); ``--threads`` (default: every core) sets the floor's torch threads and the
+  simulations' ``fl.client_threads`` and ``fl.vectorize_threads``; ``--device cuda:0`` runs the simulations on a GPU
   (``train.config.devices``; the floor stays the CPU's, so compare seconds per round with
   a CPU run of the same settings). Also the achieved GFLOP/s of the matmuls (counted with
   ``torch.utils.flop_counter``) against this machine's measured sgemm peak at ``--threads``.
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -147,7 +148,7 @@ def engines(workdir: Path, rows: int, rounds: int, settings: list, blocks: list,
             for engine in ("sequential", "vectorized"):
                 config = copy.deepcopy(base)
                 config["fl"].update({"client_engine": engine, "reduce_blocks": reduce_blocks,
-                                     "client_threads": threads})
+                                     "client_threads": threads, "vectorize_threads": threads})
                 logdir = workdir / f"engines-{name}-{reduce_blocks}-{engine}"
                 shutil.rmtree(logdir, ignore_errors=True)
                 sims[engine] = Simulation(config, logdir)
@@ -234,7 +235,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--threads", type=int, default=1)
+    # default: 1 for round_ratio (its aim is set at one thread), the whole machine for
+    # --engines (the floor's torch threads and the simulations' client and lane threads)
+    parser.add_argument("--threads", type=int)
     parser.add_argument("--workdir")
     parser.add_argument("--child-scale", type=int)
     parser.add_argument("--skip-scale", action="store_true")
@@ -259,9 +262,9 @@ def main() -> None:
             return
         if args.engines is not None:
             engines(workdir, args.rows, args.rounds, args.engines or list(ENGINE_SETTINGS), args.reduce_blocks,
-                    args.threads, args.device)
+                    args.threads or len(os.sched_getaffinity(0)), args.device)
             return
-        round_ratio(workdir, args.rows, args.rounds, args.threads)
+        round_ratio(workdir, args.rows, args.rounds, args.threads or 1)
         if not args.skip_scale:
             scale(workdir, args.rows)
 

@@ -144,7 +144,7 @@ def test_a_second_model_takes_the_torch_func_path(config, local_optimizer):
 
 @pytest.mark.parametrize("model", [None, "test_wide_and_deep"])
 def test_lanes_on_several_threads_give_the_same_bits_as_one(config, model):
-    """Lanes of clients train on ``fl.client_threads`` threads at once; a client's floats
+    """Lanes of clients train on ``fl.vectorize_threads`` threads at once; a client's floats
     do not depend on how many (each lane's kernels run on one thread), for the batched DLRM
     and for the torch.func path, with momentum state and the summed uploads."""
     if model:
@@ -152,7 +152,8 @@ def test_lanes_on_several_threads_give_the_same_bits_as_one(config, model):
     optimizer = {"name": "sgd", "lr": 0.05, "momentum": 0.9}
     results = []
     for threads in (1, 2, 3):
-        runner = _runner(config, local_optimizer=optimizer, local_epochs=2, client_threads=threads)
+        runner = _runner(config, local_optimizer=optimizer, local_epochs=2, vectorize_threads=threads)
+        assert runner.engine.threads == threads
         runner.engine.micro_clients = 2  # several lanes, of unequal lengths
         clients = [c for c in range(14) if runner.partition.sizes[c] > 0][:9]
         start = {k: v.detach().clone() for k, v in runner.model.state_dict().items()}
@@ -265,6 +266,23 @@ def test_chunks_cut_blocks_within_the_budget_and_pack_them(config):
     assert engine.pack([(0, [0, 1]), (1, [2])]) == [[(0, [0, 1])], [(1, [2])]]
 
 
+def test_lanes_use_every_core_alone_and_client_threads_under_an_mpi_launcher(config, monkeypatch):
+    import os
+
+    from fedrec.federated.client_engine import lane_threads
+    from fedrec.federated.config import FLConfig
+
+    for var in ("PMI_SIZE", "PMIX_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    cores = len(os.sched_getaffinity(0))
+    assert lane_threads(FLConfig()) == cores
+    assert lane_threads(FLConfig(client_threads=cores + 1)) == cores + 1
+    assert lane_threads(FLConfig(vectorize_threads=3)) == 3
+    monkeypatch.setenv("PMI_SIZE", "4")  # one of 4 processes on the node: its own share
+    assert lane_threads(FLConfig()) == 1 and lane_threads(FLConfig(client_threads=2)) == 2
+    assert lane_threads(FLConfig(vectorize_threads=3)) == 3
+
+
 def _simulate(config, logdir):
     sim = Simulation(config, logdir, logger=MemoryLogger())
     try:
@@ -342,7 +360,8 @@ def test_vectorized_engine_under_mpi_gives_the_local_result(synthetic_data, tmp_
     from fedrec.federated.run import run_simulation
 
     config = _config(synthetic_data["config"], backend="local", num_rounds=2, client_engine="vectorized",
-                     embedding_updates="sparse", client_threads=threads, local_batch_size=32)
+                     embedding_updates="sparse", client_threads=threads, vectorize_threads=threads,
+                     local_batch_size=32)
     run_simulation(config, tmp_path / "local", print_rounds=False)
     config["fl"]["backend"] = "mpi"
     simulate(config, tmp_path / "mpi", processes=3)
@@ -358,7 +377,7 @@ def test_simulate_cli_runs_the_engine_and_refuses_a_misfit_in_one_line(config, t
     assert status == 0, err
     log = (tmp_path / "run" / "run.log").read_text()
     assert ("client engine: vectorized (dlrm path; chunks of up to 1,024 MiB of several reduction blocks, SGD "
-            "local steps; uploads summed") in log
+            "local steps, lanes on ") in log and "thread(s); uploads summed" in log
     config["fl"].update({"client_engine": "vectorized", "fl_algo": {"name": "scaffold"}})
     (tmp_path / "refused").mkdir()
     line = assert_simulate_refuses(config, tmp_path / "refused", capsys,

@@ -88,8 +88,8 @@ def choose(runner: Any) -> Tuple[Optional["VectorizedEngine"], str]:
                 f"uploads client by client: {engine.per_client_reason}")
         packing = "several reduction blocks" if engine.packs_blocks else "one reduction block"
         return engine, (f"client engine: vectorized ({forward.name} path; chunks of up to "
-                        f"{runner.fl.vectorize_memory_mb:,} MiB of {packing}, {engine.spec.kind} local steps; "
-                        f"{sums})")
+                        f"{runner.fl.vectorize_memory_mb:,} MiB of {packing}, {engine.spec.kind} local steps, "
+                        f"lanes on {engine.threads} thread(s); {sums})")
     if setting == "vectorized":
         raise VectorizationError(f"fl.client_engine: vectorized cannot run this config: {reason}; "
                                  "use fl.client_engine: auto (falls back to sequential) or sequential")
@@ -144,6 +144,22 @@ def _blocker(runner: Any) -> Tuple[Optional[str], Any]:
     if BatchedDLRM.blocker(model) is None:
         return None, BatchedDLRM(model)
     return None, FuncBatched(model, list(tables))
+
+
+def lane_threads(fl: Any) -> int:
+    """``fl.vectorize_threads``, or by default every core this process may use when it runs
+    alone, and ``fl.client_threads`` in a process an MPI launcher started (its peers share
+    the node's cores)."""
+    import os
+
+    from fedrec.federated.mpi_env import launcher_world_size
+
+    if fl.vectorize_threads is not None:
+        return int(fl.vectorize_threads)
+    if launcher_world_size() > 1:
+        return int(fl.client_threads)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(int(fl.client_threads), cores)
 
 
 def proximal_mu(algorithm: type, fl: Any) -> Optional[float]:
@@ -223,6 +239,8 @@ class VectorizedEngine:
         self.per_client_reason = _per_client_reason(runner)
         self.sums_uploads = self.per_client_reason is None
         self.param_elements = sum(int(p.numel()) for n, p in self.model.named_parameters() if n in self.param_names)
+        #: lane threads (``fl.vectorize_threads``): a client's floats are the same on any number
+        self.threads = lane_threads(self.fl)
         self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._pool_threads = 0
         self._thread_local = threading.local()  # a pool thread's marker and forward copy
@@ -304,7 +322,7 @@ class VectorizedEngine:
 
     def map_chunks(self, work: Callable[[List[Part]], Any], chunks: Sequence[List[Part]]) -> Iterator[Any]:
         """``work(chunk)`` for each chunk, in order. Several chunks (up to
-        ``fl.client_threads``, together within ``fl.vectorize_memory_mb``) train at once,
+        :attr:`threads`, together within ``fl.vectorize_memory_mb``) train at once,
         each on one thread, when a job has many small chunks (a torch.func model's, one
         per reduction block); a chunk's floats are the same on whichever thread it runs."""
         threads = self._threads_here()
@@ -477,7 +495,7 @@ class VectorizedEngine:
         return params, table, start
 
     def _table_groups(self, cohort: Cohort) -> List[Tuple[int, int, Tensor, np.ndarray]]:
-        """The tables cut into ``fl.client_threads`` consecutive groups of about equal
+        """The tables cut into :attr:`threads` consecutive groups of about equal
         rows: (first table, stop, the group's block-table rows ordered by table (client
         order kept within a table), each table's start in that order). A group's work is
         the same whoever runs it, so the results do not depend on the thread count."""
@@ -493,10 +511,10 @@ class VectorizedEngine:
         return cohort.table_groups
 
     def _threads_here(self) -> int:
-        """Threads this chunk may use: ``fl.client_threads``, or 1 on a pool thread."""
+        """Threads this chunk may use: :attr:`threads`, or 1 on a pool thread."""
         if self.device.type != "cpu" or getattr(self._thread_local, "on_pool", False):
             return 1
-        return int(self.fl.client_threads)
+        return self.threads
 
     def _side_by_side(self, work: List[Callable[[], Any]]) -> List[Any]:
         """Each of ``work``'s independent pieces, on the lane threads when there are several
@@ -527,7 +545,7 @@ class VectorizedEngine:
         batch that stays in cache trains faster per sample than all of them at once:
         benchmarks/fl_round.py). A lane's clients share nothing with another lane's (their
         weights, rows and optimizer state are disjoint slices), so the lanes run on
-        ``fl.client_threads`` threads at once, each lane's kernels on one thread. All of a
+        :attr:`threads` threads at once, each lane's kernels on one thread. All of a
         chunk's work runs on one intra-op thread (``train``, ``train_sum``), so a client's
         floats are the same whatever the thread count and whichever thread ran them.
         ``anchor`` and ``start_rows`` (the start of the weights and of the block table) are
