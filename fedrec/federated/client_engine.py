@@ -34,6 +34,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import os
 import threading
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -150,8 +151,6 @@ def lane_threads(fl: Any) -> int:
     """``fl.vectorize_threads``, or by default every core this process may use when it runs
     alone, and ``fl.client_threads`` in a process an MPI launcher started (its peers share
     the node's cores)."""
-    import os
-
     from fedrec.federated.mpi_env import launcher_world_size
 
     if fl.vectorize_threads is not None:
@@ -222,9 +221,6 @@ class VectorizedEngine:
         self.split = runner.trainer.dataset.split("train")
         self.num_dense = int(self.split.dense.shape[1])
         self.width = sum(int(p.shape[0]) for n, p in self.model.named_parameters() if n.endswith("bias"))
-        #: clients trained in one forward/backward: about 4 MiB of activations, which
-        #: stays in this machine's caches (measured: 8-16 demo clients of 32 samples train
-        #: at 5-6 us a sample, 100 at once at 12)
         # chunks take several reduction blocks (:meth:`pack`) where a client's floats do not
         # depend on its batch-mates: the DLRM path on the CPU, batches padded to BATCH_ALIGN
         # samples where that wastes at most a third (a batch of 50 trains as 64, one of 20
@@ -234,6 +230,9 @@ class VectorizedEngine:
         self.packs_blocks = (self.device.type == "cpu" and getattr(forward, "batch_independent", False)
                              and 3 * aligned <= 4 * batch)
         self.batch = aligned if self.packs_blocks else batch  # a batch's width, padding included
+        #: clients trained in one forward/backward: about 4 MiB of activations, which
+        #: stays in this machine's caches (measured: 8-16 demo clients of 32 samples train
+        #: at 5-6 us a sample, 100 at once at 12)
         self.micro_clients = max(1, (4 * MIB) // (self.batch * self._activation_bytes_per_sample()))
         self.prox_mu = proximal_mu(runner.algorithm, self.fl) or 0.0  # FedProx's term (0: none)
         self.per_client_reason = _per_client_reason(runner)
