@@ -6,6 +6,7 @@ optimizer; a client's result does not depend on its block; it falls back or fail
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -281,6 +282,31 @@ def test_lanes_use_every_core_alone_and_client_threads_under_an_mpi_launcher(con
     monkeypatch.setenv("PMI_SIZE", "4")  # one of 4 processes on the node: its own share
     assert lane_threads(FLConfig()) == 1 and lane_threads(FLConfig(client_threads=2)) == 2
     assert lane_threads(FLConfig(vectorize_threads=3)) == 3
+    monkeypatch.delenv("PMI_SIZE")
+
+    class FakeMPI:  # a worker that spawn mode started: a world of its own, and a parent
+        COMM_NULL = object()
+
+        class COMM_WORLD:
+            @staticmethod
+            def Get_size():
+                return 1
+
+        class Comm:
+            @staticmethod
+            def Get_parent():
+                return "the simulation"
+
+        @staticmethod
+        def Is_initialized():
+            return True
+
+        @staticmethod
+        def Is_finalized():
+            return False
+
+    monkeypatch.setitem(sys.modules, "mpi4py.MPI", FakeMPI)
+    assert lane_threads(FLConfig()) == 1
 
 
 def _simulate(config, logdir):

@@ -35,6 +35,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
+import sys
 import threading
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -149,16 +150,26 @@ def _blocker(runner: Any) -> Tuple[Optional[str], Any]:
 
 def lane_threads(fl: Any) -> int:
     """``fl.vectorize_threads``, or by default every core this process may use when it runs
-    alone, and ``fl.client_threads`` in a process an MPI launcher started (its peers share
-    the node's cores)."""
-    from fedrec.federated.mpi_env import launcher_world_size
-
+    alone, and ``fl.client_threads`` in one of several MPI processes (its peers share the
+    node's cores)."""
     if fl.vectorize_threads is not None:
         return int(fl.vectorize_threads)
-    if launcher_world_size() > 1:
+    if _one_of_several_mpi_processes():
         return int(fl.client_threads)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(int(fl.client_threads), cores)
+
+
+def _one_of_several_mpi_processes() -> bool:
+    """Started by an MPI launcher with others, or spawned by a simulation (spawn mode)."""
+    from fedrec.federated.mpi_env import launcher_world_size
+
+    if launcher_world_size() > 1:
+        return True
+    mpi = sys.modules.get("mpi4py.MPI")  # (never imported here: a plain run stays MPI-free)
+    if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized():
+        return False
+    return mpi.COMM_WORLD.Get_size() > 1 or mpi.Comm.Get_parent() != mpi.COMM_NULL
 
 
 def proximal_mu(algorithm: type, fl: Any) -> Optional[float]:

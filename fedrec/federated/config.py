@@ -42,7 +42,7 @@ class FLConfig(pydantic.BaseModel):
     client_engine: Literal["sequential", "vectorized", "auto"] = "sequential"
     vectorize_memory_mb: int = pydantic.Field(1024, ge=1)  # memory one vectorized block may take
     # threads the vectorized engine's lanes run on (its results do not depend on it); None:
-    # every core this process may use when it runs alone, fl.client_threads under an MPI launcher
+    # every core this process may use when it runs alone, fl.client_threads in one of several MPI processes
     vectorize_threads: Optional[int] = pydantic.Field(None, ge=1)
     seed: int = 0
     reduce_blocks: int = pydantic.Field(12, ge=1)  # fixed reduction blocks: same sums for any #processes
