@@ -255,7 +255,7 @@ def test_chunks_cut_blocks_within_the_budget_and_pack_them(config):
                                                             for p in engine.chunks(block)]
     assert packed[0][:2] == blocks[:2]  # two small blocks share a chunk
     for chunk in packed:
-        assert engine._bytes_of(chunk) <= engine.budget
+        assert engine._bytes_of([c for _, part in chunk for c in part]) <= engine.budget
     # a batch that padding would swell by more than a third trains one part at a time
     engine = _runner(config, local_batch_size=20).engine
     assert not engine.packs_blocks and engine.batch == 20

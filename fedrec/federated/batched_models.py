@@ -164,7 +164,7 @@ def _backward_mlp(plan: List[Tuple[str, str]], params: Dict[str, Tensor], trace:
             grads[f"{name}.weight"] = torch.bmm(grad.transpose(1, 2), x,
                                                 out=client_stacked(weight.shape[0], weight.shape[1:], weight))
             grads[f"{name}.bias"] = grad.sum(dim=1)
-            grad = torch.bmm(grad, params[f"{name}.weight"])
+            grad = torch.bmm(grad, weight)
         elif kind == "relu":  # (autograd's own fused kernels: one pass, no mask tensor)
             grad = torch.ops.aten.threshold_backward(grad, y, 0)
         else:

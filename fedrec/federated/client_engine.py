@@ -277,23 +277,15 @@ class VectorizedEngine:
 
     def chunks(self, client_ids: Sequence[int]) -> List[List[int]]:
         """``client_ids`` cut, in order, into consecutive blocks that fit the budget."""
-        out: List[List[int]] = []
-        current: List[int] = []
-        used = 0
+        needs = []
         for cid in client_ids:
             need = self.client_bytes(self._steps_of(cid))
             if need > self.budget:
                 raise VectorizationError(
                     f"fl.vectorize_memory_mb is {self.fl.vectorize_memory_mb:,} MiB, but client {cid} alone "
                     f"needs about {-(-need // MIB):,} MiB in the vectorized engine; raise it to at least that")
-            if current and used + need > self.budget:  # close the chunk before this client
-                out.append(current)
-                current, used = [], 0
-            current.append(cid)
-            used += need
-        if current:
-            out.append(current)
-        return out
+            needs.append(need)
+        return self._grouped(list(client_ids), needs)
 
     def pack(self, blocks: Sequence[Tuple[int, Sequence[int]]]) -> List[List[Part]]:
         """A job's reduction blocks as chunks to train: each block cut by :meth:`chunks`
@@ -308,27 +300,24 @@ class VectorizedEngine:
         parts = [(int(b), piece) for b, clients in blocks for piece in self.chunks([int(c) for c in clients])]
         if not self.packs_blocks:
             return [[part] for part in parts]
-        return self._grouped(parts)
+        return self._grouped(parts, [self._bytes_of(clients) for _, clients in parts])
 
-    def _grouped(self, parts: Sequence[Any], most: Optional[int] = None) -> List[List[Any]]:
-        """Consecutive ``parts`` (each a part or a chunk of parts) grouped within the
-        budget, at most ``most`` to a group."""
+    def _grouped(self, items: Sequence[Any], needs: Sequence[int], most: Optional[int] = None) -> List[List[Any]]:
+        """Consecutive ``items`` (clients, parts or chunks), each needing ``needs[i]``
+        bytes, grouped within the budget, at most ``most`` to a group."""
         groups: List[List[Any]] = []
         used = 0
-        for part in parts:
-            need = self._bytes_of(part)
+        for item, need in zip(items, needs, strict=True):
             if not groups or used + need > self.budget or (most is not None and len(groups[-1]) >= most):
                 groups.append([])
                 used = 0
-            groups[-1].append(part)
+            groups[-1].append(item)
             used += need
         return groups
 
-    def _bytes_of(self, chunk: Any) -> int:
-        """The memory bound of a part ``(block, clients)`` or of a chunk (a list of parts)."""
-        if isinstance(chunk, tuple):
-            return sum(self.client_bytes(self._steps_of(c)) for c in chunk[1])
-        return sum(self._bytes_of(part) for part in chunk)
+    def _bytes_of(self, client_ids: Sequence[int]) -> int:
+        """The memory bound of training ``client_ids`` together (:meth:`client_bytes`)."""
+        return sum(self.client_bytes(self._steps_of(c)) for c in client_ids)
 
     def map_chunks(self, work: Callable[[List[Part]], Any], chunks: Sequence[List[Part]]) -> Iterator[Any]:
         """``work(chunk)`` for each chunk, in order. Several chunks (up to
@@ -339,7 +328,8 @@ class VectorizedEngine:
         if threads <= 1 or len(chunks) <= 1:
             yield from (work(chunk) for chunk in chunks)
             return
-        for wave in self._grouped(chunks, most=threads):
+        needs = [sum(self._bytes_of(clients) for _, clients in chunk) for chunk in chunks]
+        for wave in self._grouped(chunks, needs, most=threads):
             # alone, a chunk's own lanes share the threads; several: a thread each
             yield from self._side_by_side([functools.partial(work, chunk) for chunk in wave])
 
@@ -487,7 +477,7 @@ class VectorizedEngine:
             for name in self.param_names:
                 value = global_state[name].to(self.device)
                 # a copy per client (never a view of the global weights), each aligned
-                params[name] = client_stacked(k, tuple(value.shape), table).copy_(value.unsqueeze(0))
+                params[name] = client_stacked(k, tuple(value.shape), value).copy_(value.unsqueeze(0))
 
         def gather(group: Tuple[int, int, Tensor, np.ndarray]) -> None:
             first, stop, order, bounds = group

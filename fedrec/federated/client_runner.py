@@ -350,10 +350,13 @@ class ClientRunner:
     # -- running a job ------------------------------------------------------------------
     def run_job(self, job: RoundJob) -> JobResult:
         """Run every client of ``job``; sum each block's updates in client-id order."""
-        if self.private_names and self.store is not None and not self.store.batching:
+        if self.private_names and self.store is not None:
             # the clients' private rows read up front and written at the end, one pass per shard
             with self.store.batch([c for _, block in job.blocks for c in block], job.round_idx):
-                return self.run_job(job)
+                return self._run_job(job)
+        return self._run_job(job)
+
+    def _run_job(self, job: RoundJob) -> JobResult:
         result = JobResult()
         # peers (PeerStarts) each start from their own model: the engine batches clients
         # that share one start, so they train one after another
@@ -384,7 +387,7 @@ class ClientRunner:
         """The vectorized engine's FedAvg uploads: each part of a block summed by the
         engine, a block's parts added in order."""
         rounds = self._client_rounds(job)
-        chunks = self.engine.pack([(b, [int(c) for c in clients]) for b, clients in job.blocks])
+        chunks = self.engine.pack(job.blocks)
         summed = self.engine.map_chunks(lambda chunk: self._engine_call(self.engine.train_sum, chunk, rounds, job),
                                         chunks)
         blocks: Dict[int, WeightedUpdate] = {}
@@ -401,9 +404,11 @@ class ClientRunner:
         if self.engine is None:
             return None
         rounds = self._client_rounds(job)
-        return self.engine.map_chunks(
-            lambda chunk: self._engine_call(self.engine.train, [c for _, part in chunk for c in part], rounds, job),
-            self.engine.pack([(b, [int(c) for c in clients]) for b, clients in job.blocks]))
+        def train(parts: List[Tuple[int, List[int]]], round_of: Dict[int, int], state: Any) -> Any:
+            return self.engine.train(_clients_of(parts), round_of, state)
+
+        return self.engine.map_chunks(lambda chunk: self._engine_call(train, chunk, rounds, job),
+                                      self.engine.pack(job.blocks))
 
     @staticmethod
     def _client_rounds(job: RoundJob) -> Dict[int, int]:
@@ -411,13 +416,14 @@ class ClientRunner:
         return {int(c): job.context.client_rounds.get(c, job.round_idx) for _, block in job.blocks for c in block}
 
     @staticmethod
-    def _engine_call(method: Callable, chunk: List[Any], rounds: Dict[int, int], job: RoundJob) -> Any:
-        """The vectorized engine's work on ``chunk`` (client ids, or parts ``(block,
-        clients)``); a failure names the round and clients."""
+    def _engine_call(method: Callable, chunk: List[Tuple[int, List[int]]], rounds: Dict[int, int],
+                     job: RoundJob) -> Any:
+        """The vectorized engine's work on ``chunk`` (its parts ``(block, clients)``); a
+        failure names the round and clients."""
         try:
             return method(chunk, rounds, job.global_state)
         except Exception as err:
-            ids = [c for part in chunk for c in part[1]] if isinstance(chunk[0], tuple) else chunk
+            ids = _clients_of(chunk)
             raise ClientError(f"round {job.round_idx}, clients {ids[0]}-{ids[-1]} (vectorized engine): "
                               f"{type(err).__name__}: {err}") from err
 
@@ -482,15 +488,15 @@ class ClientRunner:
         return update, nbytes + context.extra_bytes_up
 
     def _save_state(self, worker: FederatedWorker, context: ClientContext) -> None:
-        if context.new_state is None and worker.extra == context.extra and not self.private_names:
+        unchanged = context.new_state is None and worker.extra == context.extra  # all but private rows
+        if unchanged and not self.private_names:
             return
         if self.store is None:
             raise InvalidStateError("client state needs a logdir (the state store lives there)")
         tensors = dict(context.new_state if context.new_state is not None else context.state)
         tensors.update(self._private_state(context))
         self.store.put(context.client_id, context.round.round_idx, tensors, worker.extra,
-                       context.round.checkpointed_round,
-                       rest_unchanged=context.new_state is None and worker.extra == context.extra)
+                       context.round.checkpointed_round, rest_unchanged=unchanged)
 
     # -- download and sparse rows ---------------------------------------------------------
     def _download(self, global_state: Mapping[str, torch.Tensor], touched: Mapping[str, torch.Tensor]) -> None:
@@ -596,10 +602,9 @@ class ClientRunner:
         The row slots are read once per 1,000 users, files only for users with a folder
         (stateful algorithms), seeded starts drawn only for the users found in neither."""
         users = np.asarray(users, np.int64)
-        stored = np.zeros(len(users), dtype=bool)
         found, rows = (self.store.get_rows(users, before_round) if self.store is not None and len(users)
-                       else (stored.copy(), {}))
-        stored |= found
+                       else (np.zeros(len(users), dtype=bool), {}))
+        stored = found.copy()
         out = {}
         for name in self.private_names:
             table = self.replica[name]
@@ -708,3 +713,8 @@ def touched_rows(model: torch.nn.Module, sparse: np.ndarray) -> Dict[str, torch.
             f"fl.embedding_updates 'sparse' needs a model with rows_touched(sparse); "
             f"{type(model).__name__} has none (use embedding_updates: dense)")
     return model.rows_touched(torch.from_numpy(np.asarray(sparse, dtype=np.int64)))
+
+
+def _clients_of(parts: List[Tuple[int, List[int]]]) -> List[int]:
+    """The clients of a chunk's parts ``(block, clients)``, in order."""
+    return [c for _, clients in parts for c in clients]

@@ -6,9 +6,10 @@ engine sees the same batches as the sequential one. The block is laid out step-m
 clients ordered by how many steps they take, longest first: the clients still training
 at step ``s`` are the first ``active[s]``, so a step works on contiguous prefixes, and
 the batches are stored step after step for those clients only (a long client's late
-steps cost no padding for the others). A last,
-partial batch is padded; its padding carries loss weight 0 and the real samples ``1/m``,
-which is the mean loss of that smaller batch.
+steps cost no padding for the others). A batch narrower than the layout's
+``batch_size`` (a last, partial one; every one where the engine pads to 32 samples) is
+padded; its padding carries loss weight 0 and the real samples ``1/m``, which is the mean
+loss of that smaller batch.
 
 The categorical ids are turned into positions in one *block table*: the rows each client
 reads, client by client and table by table (``(client, table, id)`` sorted), so the

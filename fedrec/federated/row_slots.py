@@ -57,7 +57,7 @@ class RowSlots:
         self.keys: List[str] = sorted(layout)
         self.shapes = {k: tuple(int(d) for d in layout[k][0]) for k in self.keys}
         self.dtypes = {k: layout[k][1] for k in self.keys}
-        self.nbytes = {k: int(np.prod(self.shapes[k], dtype=np.int64)) * _itemsize(self.dtypes[k]) for k in self.keys}
+        self.nbytes = {k: int(np.prod(self.shapes[k], dtype=np.int64)) * self.dtypes[k].itemsize for k in self.keys}
         self.payload = sum(self.nbytes.values())
         self.record = -(-(self.payload + 8) // 8) * 8  # rows, padding, then the tag
         self.shard_dir, self.shard_size = shard_dir, int(shard_size)
@@ -288,6 +288,3 @@ def _described(header: bytes) -> str:
     text = header.split(b"\0", 1)[0].removeprefix(_MAGIC)
     return " ".join(text.decode("utf-8", "replace").split())
 
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
