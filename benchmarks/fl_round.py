@@ -219,6 +219,19 @@ def engine_memory(workdir: Path, rows: int) -> None:
             emit(bench="engine_memory", **json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+def _at_least(low: int):
+    """An argparse type: an integer >= ``low`` (else argparse's one-line error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+    return parse
+
+
 def _device(text: str) -> str:
     """An argparse type: a device this machine has (a bad one is argparse's one-line error)."""
     from fedrec.trainers.base_trainer import resolve_device
@@ -233,17 +246,18 @@ def _device(text: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=200_000)
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rows", type=_at_least(1), default=200_000)
+    # the first round warms up and is not timed: at least one more
+    parser.add_argument("--rounds", type=_at_least(2), default=6)
     # default: 1 for round_ratio (its aim is set at one thread), the whole machine for
     # --engines (the floor's torch threads and the simulations' client and lane threads)
-    parser.add_argument("--threads", type=int)
+    parser.add_argument("--threads", type=_at_least(1))
     parser.add_argument("--workdir")
     parser.add_argument("--child-scale", type=int)
     parser.add_argument("--skip-scale", action="store_true")
     parser.add_argument("--engines", nargs="*", choices=sorted(ENGINE_SETTINGS),
                         help="only the client-engine comparison, for these settings (none named: all)")
-    parser.add_argument("--reduce-blocks", type=int, nargs="+", default=[12, 1])
+    parser.add_argument("--reduce-blocks", type=_at_least(1), nargs="+", default=[12, 1])
     parser.add_argument("--device", default="cpu", type=_device, help="where the simulations train (cpu, cuda:0)")
     parser.add_argument("--engine-memory", action="store_true",
                         help="only the vectorized engine's peak memory at a few fl.vectorize_memory_mb budgets")
@@ -262,9 +276,9 @@ def main() -> None:
             return
         if args.engines is not None:
             engines(workdir, args.rows, args.rounds, args.engines or list(ENGINE_SETTINGS), args.reduce_blocks,
-                    args.threads or len(os.sched_getaffinity(0)), args.device)
+                    len(os.sched_getaffinity(0)) if args.threads is None else args.threads, args.device)
             return
-        round_ratio(workdir, args.rows, args.rounds, args.threads or 1)
+        round_ratio(workdir, args.rows, args.rounds, 1 if args.threads is None else args.threads)
         if not args.skip_scale:
             scale(workdir, args.rows)
 

@@ -366,16 +366,21 @@ def test_auto_falls_back_with_a_reason_and_forcing_it_is_a_clear_error(config):
         _runner(config)
 
 
-def test_a_memory_budget_too_small_for_one_client_names_the_size_it_needs(config, tmp_path):
+def test_a_memory_budget_too_small_for_one_client_names_the_size_it_needs(config, tmp_path, capsys):
+    """Refused before the run starts (whichever round would draw that client), with the
+    size the largest client needs: enough for every client."""
+    from tests.run_helpers import assert_simulate_refuses
+
     config["fl"].update({"client_engine": "vectorized", "vectorize_memory_mb": 1, "local_epochs": 50,
                          "num_rounds": 1})
-    sim = Simulation(config, tmp_path / "run", logger=MemoryLogger())
-    try:
-        with pytest.raises(Exception, match=r"fl.vectorize_memory_mb is 1 MiB, but client \d+ alone needs "
-                                            r"about \d+ MiB .*raise it to at least that"):
-            sim.run()
-    finally:
-        sim.close()
+    with pytest.raises(Exception, match=r"fl.vectorize_memory_mb is 1 MiB, but client \d+ alone needs "
+                                        r"about \d+ MiB .*raise it to at least that"):
+        Simulation(config, tmp_path / "run", logger=MemoryLogger())
+    (tmp_path / "cli").mkdir()
+    line = assert_simulate_refuses(config, tmp_path / "cli", capsys, "fl.vectorize_memory_mb is 1 MiB")
+    needed = int(line.split("needs about ")[1].split(" MiB")[0])
+    config["fl"]["vectorize_memory_mb"] = needed  # what it asked for is enough for every client
+    _runner(config, **config["fl"])
 
 
 @needs_mpi

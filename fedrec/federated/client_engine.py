@@ -86,6 +86,7 @@ def choose(runner: Any) -> Tuple[Optional["VectorizedEngine"], str]:
     reason, forward = _blocker(runner)
     if reason is None:
         engine = VectorizedEngine(runner, forward)
+        engine.check_budget()
         sums = ("uploads summed per block" if engine.sums_uploads else
                 f"uploads client by client: {engine.per_client_reason}")
         packing = "several reduction blocks" if engine.packs_blocks else "one reduction block"
@@ -275,17 +276,24 @@ class VectorizedEngine:
         tables = len(self.table_names)
         return 4 * (3 * self.width + 2 * (tables + 1) ** 2 + 3 * tables * self.dim)
 
+    def check_budget(self) -> None:
+        """Refuse, before the run starts, a budget too small for the client with most
+        steps (a client's bound grows with its steps), whichever round would draw it."""
+        sizes = np.asarray(self.runner.partition.sizes)
+        if not len(sizes):
+            return
+        largest = int(np.argmax(sizes))
+        need = self.client_bytes(self._steps_of(largest))
+        if need > self.budget:
+            raise VectorizationError(
+                f"fl.vectorize_memory_mb is {self.fl.vectorize_memory_mb:,} MiB, but client {largest} alone "
+                f"needs about {-(-need // MIB):,} MiB in the vectorized engine (no client needs more); raise it "
+                "to at least that")
+
     def chunks(self, client_ids: Sequence[int]) -> List[List[int]]:
-        """``client_ids`` cut, in order, into consecutive blocks that fit the budget."""
-        needs = []
-        for cid in client_ids:
-            need = self.client_bytes(self._steps_of(cid))
-            if need > self.budget:
-                raise VectorizationError(
-                    f"fl.vectorize_memory_mb is {self.fl.vectorize_memory_mb:,} MiB, but client {cid} alone "
-                    f"needs about {-(-need // MIB):,} MiB in the vectorized engine; raise it to at least that")
-            needs.append(need)
-        return self._grouped(list(client_ids), needs)
+        """``client_ids`` cut, in order, into consecutive blocks that fit the budget (every
+        client fits alone: :meth:`check_budget`)."""
+        return self._grouped(list(client_ids), [self.client_bytes(self._steps_of(c)) for c in client_ids])
 
     def pack(self, blocks: Sequence[Tuple[int, Sequence[int]]]) -> List[List[Part]]:
         """A job's reduction blocks as chunks to train: each block cut by :meth:`chunks`

@@ -32,6 +32,7 @@ RESUME_MAY_CHANGE: Dict[str, str] = {
     "fl.dense_fast_path": "the fast path gives the dense path's results bit for bit (tested)",
     "fl.backend": "local and MPI runs give the same results bit for bit (tested)",
     "fl.mpi_processes": "any number of MPI processes gives the same results bit for bit (tested)",
+    "fl.vectorize_threads": "the vectorized engine's results do not depend on its thread count (tested)",
     "train.config.progress_bar": "display only (the simulator turns it off anyway)",
     "model.preproc.datafile": "where the raw data lives; the data are fingerprinted themselves",
     "model.preproc.output_file": "where the processed data live; the data are fingerprinted themselves",
